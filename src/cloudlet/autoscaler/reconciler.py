@@ -1,0 +1,352 @@
+"""The reconcile loop: samples concurrency each second, decides every two, and starts,
+drains and stops instances so each revision runs what the decider wants."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from cloudlet.autoscaler.probe import InstanceFailed, wait_ready
+from cloudlet.dataplane.activator import RevisionEndpoint
+from cloudlet.domain.autoscale import (
+    Scaler,
+    ScalingPolicy,
+    initial_instances,
+    policy_from_annotations,
+)
+from cloudlet.domain.revision import RevisionConfig
+from cloudlet.runtimes.base import InstanceInfo, InstanceSpec, Runtime, RuntimeFailure
+
+log = logging.getLogger("cloudlet.autoscaler")
+STARTUP_TIMEOUT = 240.0
+ADOPT_TIMEOUT = 5.0
+MAX_BACKOFF = 30.0
+
+
+class StatusReporter(Protocol):
+    def __call__(
+        self,
+        namespace: str,
+        name: str,
+        ready: str,
+        reason: str = "",
+        message: str = "",
+        image_digest: str | None = None,
+    ) -> None: ...
+
+
+@dataclass
+class Instance:
+    info: InstanceInfo
+    state: str = "starting"  # starting | ready | draining
+
+
+@dataclass
+class RevisionRun:
+    """What the reconciler keeps for one revision."""
+
+    namespace: str
+    service: str
+    name: str
+    config: RevisionConfig
+    endpoint: RevisionEndpoint
+    scaler: Scaler
+    status: str  # Unknown (deploying) | True | False
+    instances: dict[str, Instance] = field(default_factory=dict)
+    starting: int = 0
+    failures: int = 0
+    next_start: float = 0.0
+
+    def ready(self) -> list[Instance]:
+        return [i for i in self.instances.values() if i.state == "ready"]
+
+    def spec(self) -> InstanceSpec:
+        c = self.config
+        return InstanceSpec(
+            service=self.service,
+            revision=self.name,
+            configuration=self.service,
+            image=c.image,
+            port=c.port,
+            command=c.command,
+            args=c.args,
+            env=c.env,
+            cpu_millis=c.cpu_millis,
+            memory_bytes=c.memory_bytes,
+            cpu_boost=c.cpu_boost,
+            labels=(("cloudlet.namespace", self.namespace),),
+        )
+
+
+class Reconciler:
+    """Owns every instance of every revision on this server."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        report: StatusReporter,
+        defaults: ScalingPolicy,
+        *,
+        shutdown_grace: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        sample_interval: float = 1.0,
+        decide_interval: float = 2.0,
+    ) -> None:
+        self._runtime = runtime
+        self._report = report
+        self._defaults = defaults
+        self._grace = shutdown_grace
+        self._clock = clock
+        self._sample_interval = sample_interval
+        self._decide_interval = decide_interval
+        self._revisions: dict[str, RevisionRun] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- revisions known to the control plane -------------------------------------------
+
+    def endpoint(self, name: str) -> RevisionEndpoint | None:
+        run = self._revisions.get(name)
+        return run.endpoint if run else None
+
+    def revisions(self) -> list[RevisionRun]:
+        return list(self._revisions.values())
+
+    def upsert(
+        self, namespace: str, service: str, name: str, config: RevisionConfig, status: str
+    ) -> RevisionEndpoint:
+        """Know about a revision (idempotent); a new deploying one gets its first instance."""
+        run = self._revisions.get(name)
+        if run is not None:
+            if status != "Unknown" or run.status != "Unknown":
+                run.status = status if run.status != "False" else run.status
+            return run.endpoint
+        policy = self._policy(config)
+        endpoint = RevisionEndpoint(
+            service,
+            name,
+            container_concurrency=config.container_concurrency,
+            timeout=float(config.timeout_seconds),
+            queue_limit=min(
+                10_000,
+                10 * max(1, config.container_concurrency or 100) * max(1, config.max_scale or 100),
+            ),
+            on_demand=self._on_demand,
+        )
+        run = RevisionRun(
+            namespace, service, name, config, endpoint, Scaler(policy, self._clock()), status
+        )
+        self._revisions[name] = run
+        if status == "Unknown":
+            self._spawn(self._deploy(run))
+        return endpoint
+
+    def _policy(self, config: RevisionConfig) -> ScalingPolicy:
+        defaults = replace(
+            self._defaults,
+            container_concurrency=config.container_concurrency,
+            min_scale=config.min_scale,
+            max_scale=config.max_scale,
+        )
+        return policy_from_annotations(
+            dict(config.annotations), config.container_concurrency, defaults
+        )
+
+    def remove(self, name: str) -> None:
+        """The revision was deleted: drain and stop its instances."""
+        run = self._revisions.pop(name, None)
+        if run is None:
+            return
+        run.endpoint.close(f"revision {name} was deleted")
+        for instance in list(run.instances.values()):
+            self._spawn(self._retire(run, instance, "revision deleted"))
+
+    # -- starting instances -------------------------------------------------------------------
+
+    async def _deploy(self, run: RevisionRun) -> None:
+        """First instances of a new revision; its verdict becomes the revision's status."""
+        try:
+            digest = await self._runtime.ensure_image(run.config.image)
+        except RuntimeFailure as error:
+            self._fail(
+                run, "ContainerMissing" if error.user_fault else "RuntimeFailure", error.message
+            )
+            return
+        count = max(1, initial_instances(run.scaler.policy))
+        results = await asyncio.gather(*(self._start(run) for _ in range(count)))
+        if run.status == "Unknown" and any(results):
+            run.status = "True"
+            self._report(run.namespace, run.name, "True", image_digest=digest)
+
+    def _fail(self, run: RevisionRun, reason: str, message: str) -> None:
+        log.warning("revision %s failed: %s", run.name, message)
+        run.status = "False"
+        self._report(run.namespace, run.name, "False", reason, message)
+
+    async def _start(self, run: RevisionRun) -> bool:
+        """Start one instance and add it to the endpoint once its port accepts."""
+        run.starting += 1
+        try:
+            info = await self._runtime.start(run.spec())
+            instance = Instance(info)
+            run.instances[info.id] = instance
+            await wait_ready(self._runtime, info, run.config.port, STARTUP_TIMEOUT)
+        except (RuntimeFailure, InstanceFailed) as error:
+            await self._start_failed(run, error, locals().get("info"))
+            return False
+        finally:
+            run.starting -= 1
+        return self._became_ready(run, instance)
+
+    async def _start_failed(
+        self, run: RevisionRun, error: Exception, info: InstanceInfo | None
+    ) -> None:
+        reason = getattr(error, "reason", "RuntimeFailure")
+        message = getattr(error, "message", str(error))
+        if info is not None:
+            run.instances.pop(info.id, None)
+            with contextlib.suppress(RuntimeFailure):
+                await self._runtime.stop(info.id, 0)
+        run.failures += 1
+        run.next_start = self._clock() + min(MAX_BACKOFF, 2.0**run.failures)
+        if run.status == "Unknown":
+            self._fail(run, reason, message)
+        else:
+            log.warning("instance of %s failed to start: %s", run.name, message)
+
+    def _became_ready(self, run: RevisionRun, instance: Instance) -> bool:
+        if self._revisions.get(run.name) is not run or instance.info.id not in run.instances:
+            self._spawn(self._stop(instance.info.id))
+            return False
+        instance.state = "ready"
+        run.failures = 0
+        run.endpoint.add_backend(instance.info.id, instance.info.host, instance.info.port)
+        if run.config.cpu_boost:
+            self._spawn(self._runtime.unthrottle(instance.info.id, run.config.cpu_millis))
+        log.info("instance %s of %s ready", instance.info.id[:12], run.name)
+        return True
+
+    def _on_demand(self, endpoint: RevisionEndpoint) -> None:
+        """A request is waiting for a slot: start an instance now if none is coming."""
+        run = self._revisions.get(endpoint.revision)
+        if run is None or run.status == "False":
+            return
+        total = len(run.instances)
+        cap = run.scaler.policy.max_scale or 10**6
+        if run.starting == 0 and total < cap and self._clock() >= run.next_start:
+            self._spawn(self._start(run))
+
+    # -- stopping instances ---------------------------------------------------------------
+
+    async def _retire(self, run: RevisionRun, instance: Instance, why: str) -> None:
+        """Drain (no new requests, in-flight ones finish), then SIGTERM/SIGKILL."""
+        instance.state = "draining"
+        with contextlib.suppress(KeyError):
+            await run.endpoint.drain_backend(instance.info.id)
+        run.instances.pop(instance.info.id, None)
+        log.info("stopping instance %s of %s: %s", instance.info.id[:12], run.name, why)
+        await self._stop(instance.info.id)
+
+    async def _stop(self, instance_id: str) -> None:
+        try:
+            await self._runtime.stop(instance_id, self._grace)
+        except RuntimeFailure as error:
+            log.warning("stopping %s failed: %s", instance_id[:12], error.message)
+
+    def instance_died(self, instance_id: str, reason: str) -> None:
+        """The runtime reports an exit: fail its requests at once; the loop replaces it."""
+        for run in self._revisions.values():
+            instance = run.instances.get(instance_id)
+            if instance is None or instance.state == "draining":
+                continue
+            if instance.state == "ready":
+                run.instances.pop(instance_id)
+                run.endpoint.remove_backend(instance_id, reason)
+                log.warning("instance %s of %s died: %s", instance_id[:12], run.name, reason)
+                self._spawn(self._stop(instance_id))
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        next_decision = self._clock()
+        while True:
+            await asyncio.sleep(self._sample_interval)
+            now = self._clock()
+            for run in list(self._revisions.values()):
+                run.scaler.record(now, run.endpoint.take_concurrency_sample())
+            if now >= next_decision:
+                next_decision = now + self._decide_interval
+                for run in list(self._revisions.values()):
+                    try:
+                        self._reconcile(run, now)
+                    except Exception:  # one revision's bug must not stop the others scaling
+                        log.exception("reconciling %s failed", run.name)
+
+    def _reconcile(self, run: RevisionRun, now: float) -> None:
+        ready = run.ready()
+        decision = run.scaler.decide(now, len(ready))
+        desired = 0 if run.status == "False" else decision.desired
+        current = len(ready) + run.starting
+        if desired > current and now >= run.next_start:
+            log.info("%s: %d -> %d (%s)", run.name, current, desired, decision.reason)
+            for _ in range(desired - current):
+                self._spawn(self._start(run))
+        elif desired < len(ready) and run.starting == 0:
+            log.info("%s: %d -> %d (%s)", run.name, len(ready), desired, decision.reason)
+            victims = sorted(ready, key=lambda i: _in_flight(run.endpoint, i.info.id))
+            for instance in victims[: len(ready) - desired]:
+                self._spawn(self._retire(run, instance, decision.reason))
+
+    async def adopt(self) -> None:
+        """After a restart: take over this server's running containers, stop strays."""
+        for info in await self._runtime.list_instances():
+            run = self._revisions.get(info.revision)
+            if run is None or run.status == "False":
+                self._spawn(self._stop(info.id))
+                continue
+            run.instances[info.id] = Instance(info)
+            self._spawn(self._adopt_one(run, info))
+
+    async def _adopt_one(self, run: RevisionRun, info: InstanceInfo) -> None:
+        try:
+            await wait_ready(self._runtime, info, info.port, ADOPT_TIMEOUT)
+        except InstanceFailed:
+            run.instances.pop(info.id, None)
+            await self._stop(info.id)
+            return
+        self._became_ready(run, run.instances[info.id])
+        if run.status == "Unknown":
+            run.status = "True"
+            self._report(run.namespace, run.name, "True")
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("reconciler task failed", exc_info=task.exception())
+
+    async def close(self) -> None:
+        """Stop background work; instances keep running for adoption by the next start."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for run in self._revisions.values():
+            run.endpoint.close("server shutting down")
+
+    async def settle(self) -> None:
+        """Wait for background work in flight (tests and shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+def _in_flight(endpoint: RevisionEndpoint, backend_id: str) -> int:
+    backend = endpoint.backends.get(backend_id)
+    return backend.in_flight if backend else 0

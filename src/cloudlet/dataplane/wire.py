@@ -1,0 +1,219 @@
+"""HTTP/1.1 wire details the proxy needs: header classes, framing, errors, trace context.
+
+Pure functions and constants; the protocols in ``proxy`` and ``upstream`` call them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from http import HTTPStatus
+
+# Header classes. The first four are the ones a proxy must handle in responses too.
+OTHER = 0
+CONNECTION = 1
+HOP_BY_HOP = 2
+TRANSFER_ENCODING = 3
+CONTENT_LENGTH = 4
+HOST = 5
+EXPECT = 6
+X_FORWARDED_FOR = 7
+X_FORWARDED_REPLACED = 8
+FORWARDED = 9
+TRACEPARENT = 10
+CLOUD_TRACE = 11
+AUTHORIZATION = 12
+USER_AGENT = 13
+
+_CLASSES = {
+    b"connection": CONNECTION,
+    b"keep-alive": HOP_BY_HOP,
+    b"proxy-connection": HOP_BY_HOP,
+    b"te": HOP_BY_HOP,
+    b"trailer": HOP_BY_HOP,
+    b"upgrade": HOP_BY_HOP,
+    b"transfer-encoding": TRANSFER_ENCODING,
+    b"content-length": CONTENT_LENGTH,
+    b"host": HOST,
+    b"expect": EXPECT,
+    b"x-forwarded-for": X_FORWARDED_FOR,
+    b"x-forwarded-proto": X_FORWARDED_REPLACED,
+    b"x-forwarded-host": X_FORWARDED_REPLACED,
+    b"forwarded": FORWARDED,
+    b"traceparent": TRACEPARENT,
+    b"x-cloud-trace-context": CLOUD_TRACE,
+    b"authorization": AUTHORIZATION,
+    b"user-agent": USER_AGENT,
+}
+_STANDARD_CONNECTION_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade", b"te"})
+_SEEN_NAMES_LIMIT = 4096
+
+SEEN_NAMES: dict[bytes, int] = {}
+"""Header names as spelled on the wire → class; the hot path looks here first."""
+
+
+def header_class(name: bytes) -> int:
+    """The class of a header name in any case (OTHER for ordinary headers)."""
+    cls = SEEN_NAMES.get(name)
+    if cls is None:
+        cls = _CLASSES.get(name.lower(), OTHER)
+        if len(SEEN_NAMES) < _SEEN_NAMES_LIMIT:
+            SEEN_NAMES[name] = cls
+    return cls
+
+
+def connection_options(value: bytes) -> tuple[bool, list[bytes]]:
+    """(``close`` given, other header names it lists) for a Connection header value."""
+    close = False
+    named: list[bytes] = []
+    for token in value.lower().split(b","):
+        token = token.strip()
+        if token == b"close":
+            close = True
+        elif token and token not in _STANDARD_CONNECTION_TOKENS:
+            named.append(token)
+    return close, named
+
+
+def drop_named(lines: list[bytes], names: list[bytes]) -> list[bytes]:
+    """``lines`` holds (name, ": ", value, CRLF) quadruples; drop the named headers."""
+    kept: list[bytes] = []
+    for i in range(0, len(lines), 4):
+        if lines[i].lower() not in names:
+            kept += lines[i : i + 4]
+    return kept
+
+
+def chunk_size_line(size: int) -> bytes:
+    return b"%x\r\n" % size
+
+
+CRLF = b"\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def error_response(
+    status: int, message: str, *, close: bool, server: bytes, head_only: bool = False
+) -> bytes:
+    """A short plain-text response the router itself gives."""
+    body = message.encode() + b"\n"
+    head = b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n" % (
+        status,
+        reason_phrase(status),
+    )
+    head += b"Content-Length: %d\r\nServer: %s\r\n" % (len(body), server)
+    if close:
+        head += b"Connection: close\r\n"
+    return head + CRLF if head_only else head + CRLF + body
+
+
+STATUS_LINES: dict[int, bytes] = {}
+"""Status lines already made, by status."""
+
+
+def status_line(status: int) -> bytes:
+    """``HTTP/1.1 200 OK`` and CRLF; the reason is ours (it carries no meaning)."""
+    line = STATUS_LINES.get(status)
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status))
+        if 100 <= status < 1000:
+            STATUS_LINES[status] = line
+    return line
+
+
+def reason_phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b"Unknown"
+
+
+def parse_content_length(value: bytes) -> int | None:
+    """The length, or None when it is not a plain decimal number."""
+    value = value.strip()
+    if not value.isdigit() or len(value) > 18:
+        return None
+    return int(value)
+
+
+# -- forwarding headers ---------------------------------------------------------------------
+
+
+def forwarded_for(ip: str) -> bytes:
+    """The ``for=`` of RFC 7239: IPv6 addresses are bracketed and quoted."""
+    return b'for="[%s]"' % ip.encode() if ":" in ip else b"for=" + ip.encode()
+
+
+def forwarded_host(host: bytes) -> bytes:
+    """``host=`` takes a token; a port's colon makes it a quoted string."""
+    if _TOKEN.fullmatch(host):
+        return host
+    return b'"' + host.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+# -- trace context --------------------------------------------------------------------------
+
+_TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_CLOUD_TRACE = re.compile(rb"([0-9a-fA-F]{32})(?:/([0-9]{1,20}))?(?:;o=([01]))?")
+_ZERO_TRACE = b"0" * 32
+_ZERO_SPAN = b"0" * 16
+
+
+def trace_context(
+    traceparent: bytes | None,
+    cloud_trace: bytes | None,
+    random_bits: Callable[[int], int],
+) -> tuple[bytes, bytes, bytes]:
+    """(traceparent, X-Cloud-Trace-Context, trace id) to send upstream.
+
+    A valid incoming ``traceparent`` is kept; else one comes from an incoming
+    ``X-Cloud-Trace-Context``; else from ``random_bits(192)``. The Cloud Trace header is
+    the incoming one when given, else derived from the same trace id. (The proxy makes
+    fresh ids itself when neither header came: see ``FRESH_TRACE``.)
+    """
+    parsed = _valid_traceparent(traceparent) if traceparent is not None else None
+    if parsed is not None:
+        trace_id, span_id = parsed
+        header = traceparent
+    else:
+        ids = _from_cloud_trace(cloud_trace) if cloud_trace is not None else None
+        trace_id, span_id = ids or random_ids(random_bits(192))
+        header = b"00-%s-%s-01" % (trace_id, span_id)
+    assert header is not None
+    if cloud_trace is None:
+        cloud_trace = b"%s/%d;o=1" % (trace_id, int(span_id, 16))
+    return header, cloud_trace, trace_id
+
+
+def _valid_traceparent(value: bytes) -> tuple[bytes, bytes] | None:
+    match = _TRACEPARENT.fullmatch(value.strip())
+    if match is None:
+        return None
+    version, trace_id, span_id, _ = match.groups()
+    if version == b"ff" or trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
+        return None
+    return trace_id, span_id
+
+
+def _from_cloud_trace(value: bytes) -> tuple[bytes, bytes] | None:
+    match = _CLOUD_TRACE.fullmatch(value.strip())
+    if match is None:
+        return None
+    trace_id = match.group(1).lower()
+    span = int(match.group(2) or b"0")
+    if trace_id == _ZERO_TRACE or not 0 < span < 1 << 64:
+        return None
+    return trace_id, b"%016x" % span
+
+
+def random_ids(bits: int) -> tuple[bytes, bytes]:
+    """A trace id (32 hex digits) and a span id (16) from 192 random bits, neither zero."""
+    return b"%032x" % ((bits >> 64) or 1), b"%016x" % ((bits & SPAN_MASK) or 1)
+
+
+SPAN_MASK = (1 << 64) - 1
+FRESH_TRACE = b"traceparent: 00-%032x-%016x-01\r\nX-Cloud-Trace-Context: %032x/%d;o=1\r\n"
+"""Both trace headers from a new trace id and span id (ints), in one format."""
