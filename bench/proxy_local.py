@@ -166,7 +166,12 @@ def spawn(*args: str) -> subprocess.Popen[str]:
     if proc.stdout.readline().strip() != "ready":
         proc.kill()
         raise RuntimeError(f"{args[0]} did not start; see {log.name}")
+    LOGS.append(Path(log.name))
     return proc
+
+
+LOGS: list[Path] = []
+"""Logs of the processes that started; removed at the end unless they hold something."""
 
 
 def cpu_seconds(pid: int) -> float:
@@ -248,6 +253,9 @@ def main() -> None:
         for proc in reversed(procs):
             proc.terminate()
             proc.wait(timeout=10)
+        for log in LOGS:
+            if log.exists() and log.stat().st_size == 0:
+                log.unlink()
     print(f"wrk -t1 -c{args.connections} -d{args.duration:g}s, {os.cpu_count()} cores")
     report("direct", direct, direct)
     report("router", routed, direct)

@@ -20,8 +20,10 @@ import uvloop
 
 from cloudlet.autoscaler.reconciler import Reconciler
 from cloudlet.controlplane.api import build_api
+from cloudlet.controlplane.builds import BuildService
 from cloudlet.controlplane.controller import Controller
 from cloudlet.controlplane.services import ServiceManager, Urls
+from cloudlet.controlplane.tls import ServerCert, issue_server_cert
 from cloudlet.dataplane.proxy import RouterSettings, start_router
 from cloudlet.dataplane.routing import RoutingTable
 from cloudlet.domain.autoscale import ScalingPolicy
@@ -31,6 +33,19 @@ from cloudlet.settings import Settings
 from cloudlet.store import Store
 
 log = logging.getLogger("cloudlet")
+
+
+def _api_server(app: Any, cert: ServerCert | None = None) -> uvicorn.Server:
+    config = uvicorn.Config(
+        app,
+        loop="none",
+        lifespan="off",
+        log_level="warning",
+        access_log=False,
+        ssl_certfile=cert.cert if cert else None,
+        ssl_keyfile=cert.key if cert else None,
+    )
+    return uvicorn.Server(config)
 
 
 def ensure_token(path: Path) -> str:
@@ -76,6 +91,8 @@ class Server:
         self._router: asyncio.AbstractServer | None = None
         self._api: uvicorn.Server | None = None
         self._store: Store | None = None
+        self._builds: BuildService | None = None
+        self._tls_api: uvicorn.Server | None = None
 
     async def start(self) -> Running:
         s = self.settings
@@ -83,6 +100,7 @@ class Server:
         token = ensure_token(s.home / "token")
         api_sock = _bind(s.api_host, s.api_port)
         api_port = api_sock.getsockname()[1]
+        tls_sock = _bind(s.api_tls_host, s.api_tls_port) if s.api_tls_port is not None else None
         table = RoutingTable(s.domain)
         self._router = await start_router(table, s.host, s.port, RouterSettings())
         router_port = self._router.sockets[0].getsockname()[1]
@@ -98,36 +116,47 @@ class Server:
         services.subscribe(controller.changed)
         controller.sync_all()
         await reconciler.adopt()
-        self._api = uvicorn.Server(
-            uvicorn.Config(
-                build_api(services, token, self.runtime.ensure_image),
-                loop="none",
-                lifespan="off",
-                log_level="warning",
-                access_log=False,
-            )
-        )
+        engine = self.runtime.engine if isinstance(self.runtime, DockerRuntime) else None
+        self._builds = BuildService(self._store, engine)
+        app = build_api(services, token, self.runtime.ensure_image, builds=self._builds)
+        self._api = _api_server(app)
         self._tasks = [
             asyncio.create_task(self._api.serve(sockets=[api_sock])),
             asyncio.create_task(reconciler.run()),
             asyncio.create_task(self._watch_exits(reconciler)),
         ]
+        tls_url = await self._serve_tls(app, tls_sock) if tls_sock else None
         while not self._api.started:
             await asyncio.sleep(0.01)
         api_url = f"http://{s.api_host}:{api_port}"
-        self._write_info(api_url, router_port)
+        self._write_info(api_url, router_port, tls_url)
         self.running = Running(api_url, router_port, services, reconciler, table)
         return self.running
 
-    def _write_info(self, api_url: str, router_port: int) -> None:
+    async def _serve_tls(self, app: Any, sock: socket.socket) -> str:
+        """The control API over HTTPS too (kubectl sends tokens only over TLS); its URL."""
+        cert = issue_server_cert(self.settings.home, self.settings.api_tls_host)
+        self._tls_api = _api_server(app, cert)
+        self._tls_task = asyncio.create_task(self._tls_api.serve(sockets=[sock]))
+        while not self._tls_api.started and not self._tls_task.done():
+            await asyncio.sleep(0.01)
+        host, port = sock.getsockname()[:2]
+        host = f"[{host}]" if ":" in host else host
+        return f"https://{host}" if port == 443 else f"https://{host}:{port}"
+
+    def _write_info(self, api_url: str, router_port: int, tls_url: str | None = None) -> None:
         host = self.settings.host if self.settings.host not in ("", "0.0.0.0") else "127.0.0.1"
         info = {
             "api": api_url,
+            "api_tls": tls_url,
             "router": f"http://{host}:{router_port}",
             "domain": self.settings.domain,
             "pid": os.getpid(),
         }
-        (self.settings.home / "server.json").write_text(json.dumps(info) + "\n")
+        # write then rename: clients polling for the file never read it half-written
+        partial = self.settings.home / "server.json.partial"
+        partial.write_text(json.dumps(info) + "\n")
+        partial.replace(self.settings.home / "server.json")
 
     async def _watch_exits(self, reconciler: Reconciler) -> None:
         """Container exits reported by the engine reach the reconciler at once."""
@@ -148,6 +177,9 @@ class Server:
             (self.settings.home / "server.json").unlink()
         if self._api is not None:
             self._api.should_exit = True
+        if self._tls_api is not None:
+            self._tls_api.should_exit = True
+            await self._tls_task
         if self._router is not None:
             self._router.close()
         for task in self._tasks:
@@ -155,6 +187,8 @@ class Server:
                 task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.running.reconciler.close()
+        if self._builds is not None:
+            await self._builds.close()
         await self.runtime.close()
         if self._store is not None:
             self._store.close()

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -44,7 +44,8 @@ class Upstream:
 
     Paths: ``/echo`` (the request as JSON), ``/sleep/S``, ``/hold`` (until ``release``),
     ``/bytes/N`` (N bytes; ``?chunked`` or ``?eof`` framing), ``/count`` (the body's length),
-    ``/die`` (close without answering), ``/die-mid-response``, ``/status/CODE``. Every
+    ``/die`` (close without answering), ``/die-mid-response``, ``/status/CODE``,
+    ``/early-hints`` (a 103 before the answer), ``/hop-headers``. Every
     response names the upstream in ``X-Upstream``.
     """
 
@@ -138,6 +139,16 @@ class Upstream:
             await self.release.wait()
         elif path == "/die":
             return False
+        elif path == "/hop-headers":
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Private\r\nX-Private: 1\r\n"
+                b"Keep-Alive: timeout=5\r\nUpgrade: h2\r\nTrailer: X-T\r\nX-Kept: yes\r\n"
+                b"Content-Length: 2\r\n\r\nok"
+            )
+            await writer.drain()
+            return keep
+        elif path == "/early-hints":
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
         elif path == "/die-mid-response":
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
             await writer.drain()
@@ -269,17 +280,15 @@ class Env:
     def host(self, service: str, tag: str | None = None) -> str:
         return self.table.host_of(service, tag)
 
-    def client(self, **kwargs: object) -> httpx.AsyncClient:
+    def client(self, headers: dict[str, str] | None = None) -> httpx.AsyncClient:
         client = httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{self.port}",
-            timeout=10.0,
-            **kwargs,  # type: ignore[arg-type]
+            base_url=f"http://127.0.0.1:{self.port}", timeout=10.0, headers=headers
         )
         self.clients.append(client)
         return client
 
-    async def upstream(self, name: str = "u1", **kwargs: bool) -> Upstream:
-        upstream = Upstream(name, **kwargs)
+    async def upstream(self, name: str = "u1", drop_reused: bool = False) -> Upstream:
+        upstream = Upstream(name, drop_reused=drop_reused)
         await upstream.start()
         self.upstreams.append(upstream)
         return upstream
@@ -291,14 +300,16 @@ class Env:
         *,
         cc: int = 80,
         timeout: float = 5.0,
-        **kwargs: object,
+        queue_limit: int | None = None,
+        on_demand: Callable[[RevisionEndpoint], None] | None = None,
     ) -> RevisionEndpoint:
         endpoint = RevisionEndpoint(
             service,
             revision,
             container_concurrency=cc,
             timeout=timeout,
-            **kwargs,  # type: ignore[arg-type]
+            queue_limit=queue_limit,
+            on_demand=on_demand,
         )
         self.table.set_service(ServiceRoute(service, ((endpoint, 100),)))
         return endpoint

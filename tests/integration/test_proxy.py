@@ -41,19 +41,23 @@ def echoed(response: httpx.Response) -> dict[str, object]:
     return payload
 
 
-def header(payload: dict[str, object], name: str) -> str | None:
+def header_pairs(payload: dict[str, object]) -> list[tuple[str, str]]:
     headers = payload["headers"]
     assert isinstance(headers, list)
-    values = [v for k, v in headers if k.lower() == name.lower()]
+    return [(str(k), str(v)) for k, v in headers]
+
+
+def header(payload: dict[str, object], name: str) -> str | None:
+    values = [v for k, v in header_pairs(payload) if k.lower() == name.lower()]
     return ", ".join(values) if values else None
 
 
 async def serving(
-    env: Env, cc: int = 80, timeout: float = 5.0, **kwargs: object
+    env: Env, cc: int = 80, timeout: float = 5.0, queue_limit: int | None = None
 ) -> tuple[RevisionEndpoint, httpx.AsyncClient]:
     """One service 'hello' with one instance; a client addressed to it."""
     upstream = await env.upstream()
-    endpoint = env.endpoint(cc=cc, timeout=timeout, **kwargs)
+    endpoint = env.endpoint(cc=cc, timeout=timeout, queue_limit=queue_limit)
     endpoint.add_backend("i1", "127.0.0.1", upstream.port)
     return endpoint, env.client(headers={"Host": env.host("hello")})
 
@@ -127,7 +131,11 @@ async def test_a_full_queue_answers_503() -> None:
 async def test_no_instance_within_the_timeout_answers_503_and_asks_for_one() -> None:
     async with router_env() as env:
         demands: list[int] = []
-        endpoint = env.endpoint(timeout=0.3, on_demand=lambda ep: demands.append(ep.queued))
+
+        def on_demand(endpoint: RevisionEndpoint) -> None:
+            demands.append(endpoint.queued)
+
+        endpoint = env.endpoint(timeout=0.3, on_demand=on_demand)
         client = env.client(headers={"Host": env.host("hello")})
         started = time.monotonic()
         response = await client.get("/")
@@ -146,9 +154,10 @@ async def test_an_instance_added_while_requests_wait_serves_them() -> None:
             if not endpoint.backends:  # the autoscaler's cold start, done at once here
                 endpoint.add_backend("i1", "127.0.0.1", upstream.port)
 
-        endpoint = env.endpoint(
-            on_demand=lambda ep: asyncio.get_running_loop().call_later(0.1, start_one, ep)
-        )
+        def on_demand(endpoint: RevisionEndpoint) -> None:
+            asyncio.get_running_loop().call_later(0.1, start_one, endpoint)
+
+        endpoint = env.endpoint(on_demand=on_demand)
         client = env.client(headers={"Host": env.host("hello")})
         responses = await asyncio.gather(*(client.get(f"/echo?{i}") for i in range(3)))
         assert [r.status_code for r in responses] == [200] * 3
@@ -376,10 +385,7 @@ async def test_incoming_trace_and_forwarding_headers_are_kept_and_extended() -> 
             f"0af7651916cd43dd8448eb211c80319c/{int('b7ad6b7169203331', 16)};o=1"
         )
         assert header(payload, "x-forwarded-for") == "203.0.113.7, 127.0.0.1"
-        assert header(
-            payload,
-            "forwarded",
-        ).startswith("for=203.0.113.7, for=127.0.0.1")  # type: ignore[union-attr]
+        assert str(header(payload, "forwarded")).startswith("for=203.0.113.7, for=127.0.0.1")
         assert header(payload, "x-forwarded-proto") == "http"
         cloud = echoed(
             await client.get(
@@ -411,10 +417,15 @@ async def test_hop_by_hop_headers_are_stripped_both_ways() -> None:
                 },
             )
         )
-        names = {k.lower() for k, _ in payload["headers"]}  # type: ignore[union-attr]
+        names = {k.lower() for k, _ in header_pairs(payload)}
         for name in ("connection", "x-secret", "keep-alive", "te", "upgrade", "proxy-connection"):
             assert name not in names
         assert header(payload, "x-kept") == "yes"
+        response = await client.get("/hop-headers")
+        assert response.text == "ok"
+        for name in ("connection", "x-private", "keep-alive", "upgrade", "trailer"):
+            assert name not in response.headers
+        assert response.headers["x-kept"] == "yes"
 
 
 async def test_an_unknown_host_gets_404_naming_it() -> None:
@@ -679,6 +690,85 @@ async def test_head_requests_get_heads_only_and_keep_the_connection() -> None:
             assert response.content == b""
         assert (await client.get("/echo")).status_code == 200
         assert env.upstreams[0].accepted == 1
+
+
+async def test_interim_responses_from_the_instance_are_not_passed_on() -> None:
+    async with router_env() as env:
+        _, client = await serving(env)
+        response = await client.get("/early-hints")
+        assert response.status_code == 200
+        assert "link" not in response.headers
+
+
+async def test_a_client_asking_to_close_gets_its_answer_then_the_close() -> None:
+    async with router_env() as env:
+        await serving(env)
+        answer = await raw_exchange(env.port, request(env.host("hello"), "Connection: close\r\n"))
+        assert status_of(answer) == 200
+        assert b"connection: close" in answer.lower()
+
+
+async def test_an_unsupported_expectation_gets_417() -> None:
+    async with router_env() as env:
+        await serving(env)
+        answer = await raw_exchange(
+            env.port, request(env.host("hello"), "Expect: magic\r\nConnection: close\r\n")
+        )
+        assert status_of(answer) == 417
+
+
+async def test_a_client_leaving_the_queue_frees_its_place() -> None:
+    async with router_env() as env:
+        endpoint, client = await serving(env, cc=1)
+        held = asyncio.create_task(client.get("/hold"))
+        await until(lambda: endpoint.in_flight == 1)
+        _, writer = await asyncio.open_connection("127.0.0.1", env.port)
+        writer.write(request(env.host("hello")))
+        await until(lambda: endpoint.queued == 1)
+        writer.close()
+        await until(lambda: endpoint.queued == 0)
+        env.upstreams[0].release.set()
+        assert (await held).status_code == 200
+        assert (await client.get("/echo")).status_code == 200
+        assert [r.path for r in env.upstreams[0].requests] == ["/hold", "/echo"]
+
+
+async def test_a_half_closed_client_still_gets_its_answer() -> None:
+    async with router_env() as env:
+        await serving(env)
+        reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
+        try:
+            writer.write(request(env.host("hello")).replace(b"/ ", b"/sleep/0.1 "))
+            writer.write_eof()
+            answer = await asyncio.wait_for(reader.read(-1), 3)
+        finally:
+            writer.close()
+        assert status_of(answer) == 200
+
+
+async def test_a_client_leaving_mid_response_frees_the_slot_and_drops_the_connection() -> None:
+    async with router_env() as env:
+        endpoint, _ = await serving(env, cc=1)
+        reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
+        writer.write(request(env.host("hello")).replace(b"/ ", b"/bytes/50000000 "))
+        await reader.readexactly(100_000)
+        writer.transport.abort()
+        await until(lambda: endpoint.in_flight == 0)
+        client = env.client(headers={"Host": env.host("hello")})
+        assert (await client.get("/echo")).status_code == 200
+        assert env.upstreams[0].accepted == 2  # the cut connection was not reused
+
+
+async def test_connections_over_the_limit_are_refused_with_503() -> None:
+    async with router_env(RouterSettings(max_client_connections=1)) as env:
+        await serving(env)
+        _, writer = await asyncio.open_connection("127.0.0.1", env.port)
+        try:
+            await until(lambda: len(env.router.connections) == 1)
+            answer = await raw_exchange(env.port, request(env.host("hello")))
+            assert status_of(answer) == 503
+        finally:
+            writer.close()
 
 
 # -- lifecycle and loops --------------------------------------------------------------------------

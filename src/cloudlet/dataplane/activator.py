@@ -15,7 +15,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from cloudlet.dataplane.upstream import UpstreamConnection
 
 UNLIMITED_CONCURRENCY = 1000
 """What ``containerConcurrency: 0`` ("unlimited") means here, as Cloud Run's maximum."""
@@ -24,10 +27,6 @@ ASSUMED_MAX_INSTANCES = 100
 """Used for the default queue limit when the caller does not give one."""
 
 NEW, QUEUED, ACTIVE, DONE = 0, 1, 2, 3
-
-
-class PooledConnection(Protocol):
-    def close(self) -> None: ...
 
 
 class TimerHandle(Protocol):
@@ -75,7 +74,7 @@ class Backend:
         self.in_flight = 0
         self.draining = False
         self.removed = False
-        self.idle: list[PooledConnection] = []
+        self.idle: list[UpstreamConnection] = []
         self.active: set[Ticket] = set()
         self._drain_waiters: list[asyncio.Future[None]] = []
 
@@ -186,9 +185,10 @@ class RevisionEndpoint:
         self._timer: TimerHandle | None = None
         self._timer_at = 0.0
         now = clock()
-        self._level_since = now
-        self._level_area = 0.0
+        # Little's law bookkeeping for take_concurrency_sample: times are relative to the
+        # sample's start; an arrival subtracts its time, a departure adds its time.
         self._sample_since = now
+        self._presence = 0.0
         self._container_concurrency = 0
         self._capacity = 0
         self._timeout = 0.0
@@ -334,8 +334,7 @@ class RevisionEndpoint:
         self._awaiting[ticket] = None
         if self._timer is None or ticket.deadline < self._timer_at:
             self._arm(ticket.deadline)
-        self._level_area += (self.in_flight + self.queued) * (now - self._level_since)
-        self._level_since = now
+        self._presence -= now - self._sample_since
         if backend is not None:  # _grant, inlined for the hot path
             backend.in_flight += 1
             self.in_flight += 1
@@ -370,14 +369,12 @@ class RevisionEndpoint:
                 self._release(ticket, backend)
                 return
             # _release without waiters, hooks or draining: the hot path
-            now = self._clock()
-            self._level_area += (self.in_flight + self.queued) * (now - self._level_since)
-            self._level_since = now
+            self._presence += self._clock() - self._sample_since
             backend.active.discard(ticket)
             backend.in_flight -= 1
             self.in_flight -= 1
         elif state == QUEUED:
-            self._account()
+            self._departed()
             del self._waiters[ticket]
             self.queued -= 1
 
@@ -397,9 +394,7 @@ class RevisionEndpoint:
         ticket.on_slot(backend)
 
     def _release(self, ticket: Ticket, backend: Backend) -> None:
-        now = self._clock()
-        self._level_area += (self.in_flight + self.queued) * (now - self._level_since)
-        self._level_since = now
+        self._departed()
         backend.active.discard(ticket)
         if self._waiters and not backend.draining and backend.in_flight <= backend.capacity:
             waiter, _ = self._waiters.popitem(last=False)
@@ -423,13 +418,12 @@ class RevisionEndpoint:
             if backend is None:
                 return
             self._rr += 1
-            self._account()
             ticket, _ = self._waiters.popitem(last=False)
             self.queued -= 1
             self._grant(ticket, backend)
 
     def _refuse_queued(self, ticket: Ticket, message: str) -> None:
-        self._account()
+        self._departed()
         self.queued -= 1
         ticket.state = DONE
         self._awaiting.pop(ticket, None)
@@ -477,17 +471,15 @@ class RevisionEndpoint:
 
     # -- observations for the autoscaler ------------------------------------------------------
 
-    def _account(self) -> None:
-        now = self._clock()
-        self._level_area += (self.in_flight + self.queued) * (now - self._level_since)
-        self._level_since = now
+    def _departed(self) -> None:
+        self._presence += self._clock() - self._sample_since
 
     def take_concurrency_sample(self) -> float:
         """Time-weighted average of in-flight plus queued requests since the last call."""
-        self._account()
-        now = self._level_since
+        now = self._clock()
         span = now - self._sample_since
-        average = self._level_area / span if span > 0 else float(self.in_flight + self.queued)
-        self._level_area = 0.0
+        level = self.in_flight + self.queued
+        average = (self._presence + level * span) / span if span > 0 else float(level)
+        self._presence = 0.0
         self._sample_since = now
         return average

@@ -12,9 +12,11 @@ every request, and each attribute set in ``__init__`` costs time on the hot path
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, cast
+import time
+from typing import TYPE_CHECKING
 
 from cloudlet.dataplane.activator import Backend, RevisionEndpoint, Ticket
+from cloudlet.dataplane.routing import RequestRecord
 from cloudlet.dataplane.upstream import (
     CHUNKED,
     NO_BODY,
@@ -44,7 +46,7 @@ ConnectTask = asyncio.Task[tuple[asyncio.Transport, UpstreamConnection]]
 
 
 class Exchange(Ticket):
-    # set for every request in __init__
+    # set for every request in __init__: the fields the common path reads
     client: RouterProtocol
     method: bytes
     url: bytes
@@ -52,30 +54,31 @@ class Exchange(Ticket):
     http11: bool
     req_done: bool
     """The request message has been read whole."""
-    t0: float
-    # the request as routed
-    endpoint: RevisionEndpoint | None = None
-    head: bytes = b""
+    endpoint: RevisionEndpoint | None
+    head: bytes
     """The rewritten request head sent upstream."""
+    body: list[bytes] | None
+    """Request body pieces: buffered before a connection is attached, then kept for a
+    retry while ``replayable``."""
+    close_after: bool
+    plain: bool
+    """A keep-alive HTTP/1.1 request without body, not HEAD: a response with a length
+    passes with its head as it is."""
+    # the rest start as class-level defaults
+    t0: float = 0.0
     chunked_in: bool = False
     expect_continue: bool = False
     error: tuple[int, str] | None = None
     """Status and message to answer instead of proxying."""
     has_body: bool = False
-    body: list[bytes] | None = None
-    """Request body pieces: buffered before a connection is attached, then kept for a
-    retry while ``replayable``."""
     body_size: int = 0
     replayable: bool = False
     retried: bool = False
-    # the upstream side
     upstream: UpstreamConnection | None = None
     connecting: ConnectTask | None = None
-    # the outcome
     started: bool = False
     """The response head is on its way to the client."""
     finished: bool = False
-    close_after: bool = False
     status: int = 0
     req_bytes: int = 0
     resp_bytes: int = 0
@@ -88,26 +91,26 @@ class Exchange(Ticket):
         method: bytes,
         url: bytes,
         keep_alive: bool,
-        http11: bool,
-        body_expected: bool,
-        t0: float,
+        endpoint: RevisionEndpoint | None,
+        head: bytes,
     ) -> None:
         self.client = client
         self.method = method
         self.url = url
-        self.keep_alive = keep_alive
-        self.http11 = http11
-        self.req_done = not body_expected
-        self.t0 = t0
-        # read on every request: set here, as reading a class-level default is slower
-        self.error = None
-        self.expect_continue = False
+        self.keep_alive = self.http11 = keep_alive
+        self.req_done = True
+        self.endpoint = endpoint
+        self.head = head
+        self.body = None
         self.close_after = False
-        if body_expected:
-            self.has_body = True
-            self.body = []
-        else:
-            self.body = None
+        self.plain = keep_alive and method != b"HEAD"
+
+    def expect_body(self) -> None:
+        """The request has a body to read (and to send on)."""
+        self.req_done = False
+        self.has_body = True
+        self.body = []
+        self.plain = False
 
     # -- the client's side ------------------------------------------------------------------
 
@@ -140,7 +143,10 @@ class Exchange(Ticket):
         conn = self.upstream
         body = self.body
         if conn is not None:
-            conn.writelines(pieces)
+            if len(pieces) == 1:
+                conn.write(data)
+            else:
+                conn.writelines(pieces)
             if self.replayable and body is not None:
                 self.body_size += size
                 if self.body_size > REPLAY_LIMIT:
@@ -173,7 +179,7 @@ class Exchange(Ticket):
     def on_slot(self, backend: Backend) -> None:
         idle = backend.idle
         while idle:
-            conn = cast(UpstreamConnection, idle.pop())
+            conn = idle.pop()
             transport = conn.transport
             if conn.closed or transport is None or transport.is_closing():
                 conn.close()  # the instance closed it while it sat idle
@@ -182,6 +188,7 @@ class Exchange(Ticket):
                 self.upstream = conn
                 conn.exchange = self
                 conn.write_client = self.client.writelines
+                conn.write_client_bytes = self.client.write_bytes
                 if self.method == b"HEAD":
                     conn.no_body = True
                 transport.write(self.head)
@@ -229,7 +236,8 @@ class Exchange(Ticket):
 
     def _attach(self, conn: UpstreamConnection) -> None:
         self.upstream = conn
-        conn.attach(self, self.client.writelines, self.method == b"HEAD")
+        client = self.client
+        conn.attach(self, client.writelines, client.write_bytes, self.method == b"HEAD")
         if self.client.write_paused:
             conn.pause_reading()
         body = self.body
@@ -311,6 +319,30 @@ class Exchange(Ticket):
             self.client.block_reading(UPSTREAM_FULL)
         else:
             self.client.unblock_reading(UPSTREAM_FULL)
+
+    def record(self, remote_ip: str) -> RequestRecord:
+        """What request logs and metrics keep of this request."""
+        endpoint = self.endpoint
+        backend = self.backend
+        trace_id = self.trace_id
+        if isinstance(trace_id, int):
+            trace_text: str | None = f"{trace_id:032x}"
+        else:
+            trace_text = trace_id.decode() if trace_id is not None else None
+        return RequestRecord(
+            service=endpoint.service if endpoint is not None else None,
+            revision=endpoint.revision if endpoint is not None else None,
+            backend=backend.id if backend is not None else None,
+            method=self.method.decode("latin-1"),
+            url=self.url.decode("latin-1"),
+            status=self.status,
+            latency=time.monotonic() - self.t0 if self.t0 else 0.0,
+            request_bytes=self.req_bytes,
+            response_bytes=self.resp_bytes,
+            remote_ip=remote_ip,
+            user_agent=self.user_agent.decode("latin-1") if self.user_agent is not None else None,
+            trace_id=trace_text,
+        )
 
     # -- endings ------------------------------------------------------------------------------
 

@@ -80,7 +80,9 @@ def pick_weighted(targets: Sequence[tuple[T, int]], r: float) -> T:
 
 
 @dataclass(frozen=True, slots=True)
-class _HostEntry:
+class HostEntry:
+    """What a host name leads to."""
+
     route: ServiceRoute
     fixed: RevisionEndpoint | None
     """Set when the host always goes to one revision (a tag, or a single target)."""
@@ -93,8 +95,8 @@ class RoutingTable:
         self.domain = domain.lower().strip(".")
         self._random = (rng or random.Random()).random
         self._routes: dict[str, ServiceRoute] = {}
-        self._hosts: dict[bytes, _HostEntry] = {}
-        self._cache: dict[bytes, _HostEntry] = {}
+        self._hosts: dict[bytes, HostEntry] = {}
+        self._cache: dict[bytes, HostEntry] = {}
         self.authorize: Authorizer | None = None
         """Given a route and the Authorization header: (status, message) refuses, None allows."""
         self.on_request_done: Callable[[RequestRecord], None] | None = None
@@ -116,18 +118,26 @@ class RoutingTable:
             self._rebuild()
 
     def _rebuild(self) -> None:
-        hosts: dict[bytes, _HostEntry] = {}
+        hosts: dict[bytes, HostEntry] = {}
         for route in self._routes.values():
             live = [endpoint for endpoint, percent in route.targets if percent > 0]
             fixed = live[0] if len(live) == 1 else None
-            hosts[self.host_of(route.service).encode()] = _HostEntry(route, fixed)
+            hosts[self.host_of(route.service).encode()] = HostEntry(route, fixed)
             for tag, endpoint in route.tags.items():
-                hosts[self.host_of(route.service, tag).encode()] = _HostEntry(route, endpoint)
+                hosts[self.host_of(route.service, tag).encode()] = HostEntry(route, endpoint)
         self._hosts = hosts
         self._cache = {}
 
     def resolve(self, host: bytes) -> tuple[ServiceRoute, RevisionEndpoint] | None:
         """The route and revision for a Host header value (any case, port or not)."""
+        entry = self.lookup(host)
+        if entry is None:
+            return None
+        return entry.route, entry.fixed or self.pick(entry)
+
+    def lookup(self, host: bytes) -> HostEntry | None:
+        """The entry for a Host header value; ``resolve`` without building a pair, for the
+        proxy's hot path (then ``entry.fixed or table.pick(entry)`` is the revision)."""
         entry = self._cache.get(host)
         if entry is None:
             entry = self._hosts.get(canonical_host(host))
@@ -136,9 +146,11 @@ class RoutingTable:
             if len(self._cache) >= _CACHE_LIMIT:
                 self._cache = {}
             self._cache[host] = entry
-        if entry.fixed is not None:
-            return entry.route, entry.fixed
-        return entry.route, pick_weighted(entry.route.targets, self._random())
+        return entry
+
+    def pick(self, entry: HostEntry) -> RevisionEndpoint:
+        """A revision among the entry's traffic targets, by their percents."""
+        return pick_weighted(entry.route.targets, self._random())
 
     def refusal(self, route: ServiceRoute, authorization: bytes | None) -> tuple[int, str] | None:
         """Why this request may not invoke the route, or None when it may."""

@@ -76,12 +76,8 @@ def connection_options(value: bytes) -> tuple[bool, list[bytes]]:
 
 
 def drop_named(lines: list[bytes], names: list[bytes]) -> list[bytes]:
-    """``lines`` holds (name, ": ", value, CRLF) quadruples; drop the named headers."""
-    kept: list[bytes] = []
-    for i in range(0, len(lines), 4):
-        if lines[i].lower() not in names:
-            kept += lines[i : i + 4]
-    return kept
+    """``lines`` holds header lines (``name: value`` and CRLF); drop the named headers."""
+    return [line for line in lines if line.split(b":", 1)[0].strip().lower() not in names]
 
 
 def chunk_size_line(size: int) -> bytes:
