@@ -50,7 +50,16 @@ start_dockerd() {
   return 1
 }
 
+# gcloud puts the region in front of the API host it is pointed at (`cloudlet gcloud-config`),
+# so these names must resolve to the control API's address.
+HOSTS_LINE="127.0.0.1 europe-west1-cloudlet.local us-central1-cloudlet.local cloudlet.local"
+hosts_entry() {
+  if getent hosts europe-west1-cloudlet.local >/dev/null; then log "hosts entry present"; return; fi
+  echo "$HOSTS_LINE" >>/etc/hosts
+}
+
 phase "system packages" install_packages
 phase "dockerd" start_dockerd
 phase "container images" bash scripts/build-images.sh
 phase "python packages" python3 -m pip install -e '.[test]'
+phase "hosts entry for gcloud" hosts_entry

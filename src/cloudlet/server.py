@@ -11,6 +11,7 @@ import os
 import secrets
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,18 +20,27 @@ import uvicorn
 import uvloop
 
 from cloudlet.autoscaler.reconciler import Reconciler
+from cloudlet.autoscaler.throttle import compose_hooks
 from cloudlet.controlplane.api import build_api
 from cloudlet.controlplane.builds import BuildService
 from cloudlet.controlplane.controller import Controller
+from cloudlet.controlplane.security_api import SecurityParts
 from cloudlet.controlplane.services import ServiceManager, Urls
 from cloudlet.controlplane.tls import ServerCert, issue_server_cert
+from cloudlet.dataplane.activator import RevisionEndpoint
 from cloudlet.dataplane.proxy import RouterSettings, start_router
 from cloudlet.dataplane.routing import RoutingTable
 from cloudlet.domain.autoscale import ScalingPolicy
 from cloudlet.runtimes.base import Runtime, RuntimeFailure
 from cloudlet.runtimes.docker import DockerRuntime
+from cloudlet.security import keys
+from cloudlet.security.access import AccessGate, local_networks
+from cloudlet.security.secrets import SecretEnv, SecretVault
+from cloudlet.security.tokens import Verifier
 from cloudlet.settings import Settings
 from cloudlet.store import Store
+from cloudlet.telemetry.collector import Telemetry
+from cloudlet.telemetry.logs import LogStore
 
 log = logging.getLogger("cloudlet")
 
@@ -102,6 +112,8 @@ class Server:
         api_port = api_sock.getsockname()[1]
         tls_sock = _bind(s.api_tls_host, s.api_tls_port) if s.api_tls_port is not None else None
         table = RoutingTable(s.domain)
+        self._telemetry = telemetry = _telemetry(s, self.runtime)
+        table.on_request_done = telemetry.request_done
         self._router = await start_router(table, s.host, s.port, RouterSettings())
         router_port = self._router.sockets[0].getsockname()[1]
         self._store = Store(s.database)
@@ -110,20 +122,40 @@ class Server:
             stable_window=s.stable_window, scale_to_zero_grace=s.scale_to_zero_grace
         )
         reconciler = Reconciler(
-            self.runtime, services.set_revision_status, defaults, shutdown_grace=s.shutdown_grace
+            self.runtime,
+            services.set_revision_status,
+            defaults,
+            shutdown_grace=s.shutdown_grace,
+            observer=telemetry,
         )
-        controller = Controller(self._store, services, reconciler, table)
+        telemetry.live_runs = reconciler.revisions
+        signer = keys.signing_key(s.home)
+        gate = AccessGate(Verifier(signer.public_key()), local_networks())
+        table.authorize, table.screen = gate.authorize, gate.screen
+        vault = SecretVault(self._store, keys.secrets_key(s.home))
+        reconciler.prepare = SecretEnv(vault, self._store)
+        controller = Controller(self._store, services, reconciler, table, gate)
         services.subscribe(controller.changed)
         controller.sync_all()
         await reconciler.adopt()
+        gate.networks = local_networks(await self._bridge_subnets())
         engine = self.runtime.engine if isinstance(self.runtime, DockerRuntime) else None
         self._builds = BuildService(self._store, engine)
-        app = build_api(services, token, self.runtime.ensure_image, builds=self._builds)
+        app = build_api(
+            services,
+            token,
+            self.runtime.ensure_image,
+            builds=self._builds,
+            security=SecurityParts(signer, vault),
+            metrics=telemetry.render_metrics,
+            telemetry=telemetry,
+        )
         self._api = _api_server(app)
         self._tasks = [
             asyncio.create_task(self._api.serve(sockets=[api_sock])),
             asyncio.create_task(reconciler.run()),
             asyncio.create_task(self._watch_exits(reconciler)),
+            asyncio.create_task(telemetry.run()),
         ]
         tls_url = await self._serve_tls(app, tls_sock) if tls_sock else None
         while not self._api.started:
@@ -133,6 +165,19 @@ class Server:
         self.running = Running(api_url, router_port, services, reconciler, table)
         return self.running
 
+    async def _bridge_subnets(self) -> list[str]:
+        """The instances' network's subnets: callers from there count as internal."""
+        if not isinstance(self.runtime, DockerRuntime):
+            return []
+        try:
+            await self.runtime._ensure_network()
+            network = await self.runtime.engine.network_inspect(self.settings.network)
+        except RuntimeFailure as error:
+            log.warning("cannot read the %s network: %s", self.settings.network, error.message)
+            return []
+        configs = ((network or {}).get("IPAM") or {}).get("Config") or []
+        return [str(c["Subnet"]) for c in configs if c.get("Subnet")]
+
     async def _serve_tls(self, app: Any, sock: socket.socket) -> str:
         """The control API over HTTPS too (kubectl sends tokens only over TLS); its URL."""
         cert = issue_server_cert(self.settings.home, self.settings.api_tls_host)
@@ -140,6 +185,8 @@ class Server:
         self._tls_task = asyncio.create_task(self._tls_api.serve(sockets=[sock]))
         while not self._tls_api.started and not self._tls_task.done():
             await asyncio.sleep(0.01)
+        if self._tls_task.done():
+            self._tls_task.result()  # a listener that failed to start fails the server
         host, port = sock.getsockname()[:2]
         host = f"[{host}]" if ":" in host else host
         return f"https://{host}" if port == 443 else f"https://{host}:{port}"
@@ -175,6 +222,7 @@ class Server:
     async def stop(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self.settings.home / "server.json").unlink()
+        self._telemetry.followers.close()  # open log tails end, so the API can stop
         if self._api is not None:
             self._api.should_exit = True
         if self._tls_api is not None:
@@ -187,11 +235,41 @@ class Server:
                 task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.running.reconciler.close()
+        await self._telemetry.close()
+        self._telemetry.store.close()
         if self._builds is not None:
             await self._builds.close()
         await self.runtime.close()
         if self._store is not None:
             self._store.close()
+
+
+def _telemetry(settings: Settings, runtime: Runtime) -> Telemetry:
+    store = LogStore(settings.logs_database, settings.log_retention_bytes)
+    telemetry = Telemetry(store, runtime)
+    telemetry.install_hooks = _instance_hooks(telemetry)
+    return telemetry
+
+
+def _instance_hooks(telemetry: Telemetry) -> Callable[[RevisionEndpoint], None]:
+    """The one place each revision's per-instance busy/idle hooks are installed (hot path:
+    keep every call O(1)). Billing's meter is one observer; CPU throttling is another."""
+
+    def install(endpoint: RevisionEndpoint) -> None:
+        meter_busy, meter_idle = telemetry.backend_busy, telemetry.backend_idle
+
+        def busy(instance_id: str) -> None:
+            meter_busy(instance_id)  # billing: the instance starts serving
+
+        def idle(instance_id: str) -> None:
+            meter_idle(instance_id)  # billing: the instance has nothing in flight
+
+        # composed after hooks already there: the reconciler's CPU throttling (if the
+        # revision throttles), which unthrottles before the request is forwarded
+        endpoint.on_backend_busy = compose_hooks(endpoint.on_backend_busy, busy)
+        endpoint.on_backend_idle = compose_hooks(endpoint.on_backend_idle, idle)
+
+    return install
 
 
 async def _main(settings: Settings) -> None:

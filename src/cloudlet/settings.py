@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cloudlet.domain.errors import InvalidError
-from cloudlet.domain.quantities import parse_duration
+from cloudlet.domain.quantities import parse_duration, parse_memory
 
 
 def default_home(env: Mapping[str, str]) -> Path:
@@ -39,6 +39,10 @@ class Settings:
     """Address of the control API; loopback unless you mean otherwise."""
     api_port: int = 8090
     """Control API port."""
+    api_tls_host: str = "127.0.0.1"
+    """Address of the control API's HTTPS listener (kubectl, gcloud --platform kubernetes)."""
+    api_tls_port: int | None = None
+    """Port of the control API's HTTPS listener; None = no listener. gcloud needs 443."""
     domain: str = "localhost"
     """Domain of service URLs."""
     scale_to_zero_grace: float = 30.0
@@ -51,6 +55,8 @@ class Settings:
     """User-defined bridge network the instances join."""
     shutdown_grace: float = 10.0
     """Seconds between SIGTERM and SIGKILL when an instance stops."""
+    log_retention_bytes: int = 256 * 2**20
+    """Size cap of the log store (logs.db); the oldest entries are dropped first."""
 
     @property
     def owner(self) -> str:
@@ -61,9 +67,13 @@ class Settings:
     def database(self) -> Path:
         return self.home / "cloudlet.db"
 
+    @property
+    def logs_database(self) -> Path:
+        return self.home / "logs.db"
+
 
 _DURATIONS = {"scale_to_zero_grace", "stable_window", "shutdown_grace"}
-_INTS = {"port", "api_port"}
+_INTS = {"port", "api_port", "api_tls_port"}
 
 
 def _convert(name: str, value: Any) -> Any:
@@ -78,9 +88,18 @@ def _convert(name: str, value: Any) -> Any:
         if not 0 <= number <= 65535:
             raise InvalidError(f"{flag}: {number} is not a port number (0-65535)", field=flag)
         return number
+    if name == "log_retention_bytes":
+        return _log_cap(str(value), flag)
     if name == "home":
         return Path(str(value)).expanduser()
     return str(value)
+
+
+def _log_cap(value: str, flag: str) -> int:
+    number = parse_memory(value, flag)
+    if number < 2**20:
+        raise InvalidError(f"{flag}: {value!r} is too small; give at least 1Mi", field=flag)
+    return number
 
 
 def load(env: Mapping[str, str], **flags: Any) -> Settings:

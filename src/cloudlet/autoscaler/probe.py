@@ -1,4 +1,5 @@
-"""Readiness: an instance is ready when its port accepts a TCP connection."""
+"""Probing instances: startup (ready when the probe first succeeds) and liveness (the same
+check repeated every period). A probe is a TCP connect or an HTTP GET answered 2xx/3xx."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+from cloudlet.domain.probes import ProbeSettings, failed_too_often
 from cloudlet.runtimes.base import ExitState, InstanceInfo, Runtime
+
+Check = Callable[[str, int], Awaitable[bool]]
 
 
 class InstanceFailed(Exception):
@@ -27,6 +31,34 @@ async def tcp_accepts(host: str, port: int, timeout: float = 0.5) -> bool:
     return True
 
 
+async def http_ok(host: str, port: int, path: str, timeout: float) -> bool:
+    """GET ``path``; True for a 2xx or 3xx status, as Kubernetes counts success."""
+    try:
+        return await asyncio.wait_for(_get_status(host, port, path), timeout) in range(200, 400)
+    except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError):
+        return False
+
+
+async def _get_status(host: str, port: int, path: str) -> int:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: cloudlet-probe\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        line = await reader.readuntil(b"\r\n")
+        return int(line.split()[1])
+    finally:
+        writer.close()
+
+
+def check_for(settings: ProbeSettings) -> Check:
+    """The probe as a function of the instance's address (the port comes from settings)."""
+    if settings.action == "http":
+        return lambda host, _port: http_ok(host, settings.port, settings.path, settings.timeout)
+    return lambda host, _port: tcp_accepts(host, settings.port, min(settings.timeout, 0.5))
+
+
 def poll_interval(elapsed: float) -> float:
     """Probe often while a fast start is likely, then back off."""
     if elapsed < 2.0:
@@ -41,11 +73,16 @@ async def wait_ready(
     info: InstanceInfo,
     port: int,
     timeout: float,
-    probe: Callable[[str, int], Awaitable[bool]] = tcp_accepts,
+    probe: Check = tcp_accepts,
     clock: Callable[[], float] = time.monotonic,
+    initial_delay: float = 0.0,
 ) -> None:
-    """Return once ``port`` accepts; InstanceFailed if the container exits or time runs out."""
+    """Return once the probe succeeds; InstanceFailed if the container exits or ``timeout``
+    seconds pass. Probes more often than a probe's periodSeconds so cold starts stay short;
+    the deadline is the probe's own (initialDelaySeconds + failureThreshold x period)."""
     start = clock()
+    if initial_delay:
+        await asyncio.sleep(initial_delay)
     next_state_check = start
     while True:
         if await probe(info.host, port):
@@ -63,6 +100,45 @@ async def wait_ready(
                 f"the PORT={port} environment variable within {timeout:.0f}s.",
             )
         await asyncio.sleep(poll_interval(now - start))
+
+
+async def startup(runtime: Runtime, info: InstanceInfo, settings: ProbeSettings) -> None:
+    """Wait for the revision's startup probe; InstanceFailed names the probe that failed."""
+    try:
+        await wait_ready(
+            runtime,
+            info,
+            settings.port,
+            settings.deadline,
+            check_for(settings),
+            initial_delay=settings.initial_delay,
+        )
+    except InstanceFailed as error:
+        if error.reason == "HealthCheckContainerError" and settings.action == "http":
+            error.message = (
+                f"The user-provided container did not answer the startup probe "
+                f"GET {settings.path} on port {settings.port} with 2xx/3xx within "
+                f"{settings.deadline:.0f}s (initialDelaySeconds + failureThreshold x "
+                "periodSeconds)."
+            )
+        raise
+
+
+async def until_unhealthy(
+    info: InstanceInfo,
+    settings: ProbeSettings,
+    check: Check | None = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> int:
+    """Probe every period from initialDelaySeconds on; return once the probe has failed
+    failureThreshold times in a row (the count, for the message)."""
+    check = check or check_for(settings)
+    await sleep(settings.initial_delay)
+    failures = 0
+    while not failed_too_often(failures, settings):
+        await sleep(settings.period)
+        failures = 0 if await check(info.host, settings.port) else failures + 1
+    return failures
 
 
 async def _exit_message(runtime: Runtime, info: InstanceInfo, port: int, state: ExitState) -> str:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
 from cloudlet.cli import render
-from cloudlet.cli.client import ApiError, Client
+from cloudlet.cli.client import Client
 from cloudlet.cli.template import TemplateFlags, apply, new_service
+from cloudlet.domain.errors import InvalidError
+from cloudlet.domain.models import TrafficTarget, dump
+from cloudlet.domain.names import random_token, revision_name, validate_tag
+from cloudlet.domain.traffic import update_tags, zero_latest
 
 WAIT_SECONDS = 300.0
 
@@ -31,7 +36,7 @@ def deploy(
     """Create or update the service, set its invoker policy, wait until its revision is ready."""
     existing = client.get_service(namespace, name)
     body = apply(existing or new_service(name, namespace), flags)
-    _set_traffic(body, existing, no_traffic, tag)
+    _set_traffic(client, namespace, body, existing, no_traffic, tag)
     verb = "Deploying" if existing else "Deploying new service"
     render.err.print(
         f"{verb} [bold]{name}[/] in project [bold]{namespace}[/] region [bold]{region}[/]"
@@ -48,29 +53,48 @@ def deploy(
 
 
 def _set_traffic(
-    body: dict[str, Any], existing: dict[str, Any] | None, no_traffic: bool, tag: str | None
+    client: Client,
+    namespace: str,
+    body: dict[str, Any],
+    existing: dict[str, Any] | None,
+    no_traffic: bool,
+    tag: str | None,
 ) -> None:
-    traffic: list[dict[str, Any]] = list(body["spec"].get("traffic") or [])
-    if no_traffic:
-        if existing is None:
-            raise ApiError("--no-traffic: cannot be used when creating a new service", 400)
-        traffic = [_pinned(t) for t in existing.get("status", {}).get("traffic", [])]
-    traffic = [t for t in traffic if not tag or t.get("tag") != tag]
-    traffic = [{k: v for k, v in t.items() if k != "url"} for t in traffic]
+    """gcloud's NoTrafficChange then TagOnDeployChange: keep the latest revision's traffic
+    on the revision that is latest now, and tag the revision being created by its name."""
+    if not (no_traffic or tag):
+        return
+    if no_traffic and existing is None:
+        raise InvalidError(
+            "--no-traffic: not supported when creating a new service; deploy it first",
+            field="--no-traffic",
+        )
+    targets = [TrafficTarget.model_validate(t) for t in body["spec"].get("traffic") or []]
+    if existing is not None and no_traffic:
+        ready = existing.get("status", {}).get("latestReadyRevisionName")
+        targets = zero_latest(targets, ready)
     if tag:
-        traffic.append({"tag": tag, "latestRevision": True, "percent": 0})
-    if traffic:
-        if not any(t.get("percent") for t in traffic):
-            traffic.append({"latestRevision": True, "percent": 100})
-        body["spec"]["traffic"] = traffic
+        revision = _revision_to_create(client, namespace, body)
+        targets = update_tags(targets, {validate_tag(tag, "--tag"): revision})
+    body["spec"]["traffic"] = [dump(t.model_copy(update={"url": None})) for t in targets]
 
 
-def _pinned(target: dict[str, Any]) -> dict[str, Any]:
-    """A status traffic entry turned into a spec target that stays on its revision."""
-    out = {"revisionName": target["revisionName"], "percent": target.get("percent", 0)}
-    if target.get("tag"):
-        out["tag"] = target["tag"]
-    return out
+def _revision_to_create(client: Client, namespace: str, body: dict[str, Any]) -> str:
+    """Name the new revision client-side (as gcloud does for --tag) so the tag can point at it."""
+    meta = body["spec"]["template"].setdefault("metadata", {})
+    if not meta.get("name"):
+        service = body["metadata"]["name"]
+        names = [r["metadata"]["name"] for r in client.revisions(namespace, service)]
+        number = next_revision_number(service, names)
+        meta["name"] = revision_name(service, number, None, random_token())
+    return str(meta["name"])
+
+
+def next_revision_number(service: str, names: list[str]) -> int:
+    """One past the highest NNNNN of ``SERVICE-NNNNN-xyz`` names (and past their count)."""
+    pattern = re.compile(rf"^{re.escape(service)}-(\d{{5}})-[a-z0-9]+$")
+    numbers = [int(m.group(1)) for m in map(pattern.match, names) if m]
+    return 1 + max([len(names), *numbers])
 
 
 def set_public(client: Client, namespace: str, region: str, name: str, public: bool) -> None:

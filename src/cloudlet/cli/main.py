@@ -14,9 +14,15 @@ from rich.text import Text
 
 from cloudlet import __version__
 from cloudlet.cli import render
+from cloudlet.cli.auth import auth_group
+from cloudlet.cli.billing import billing_group
+from cloudlet.cli.builds import BuildFailed, builds_group
 from cloudlet.cli.client import ApiError
+from cloudlet.cli.config import gcloud_config_command, kubeconfig_command
 from cloudlet.cli.deploy import DeployFailed
+from cloudlet.cli.logs import beta_group
 from cloudlet.cli.run import deploy_command, run_group
+from cloudlet.cli.secrets import secrets_group
 from cloudlet.domain.errors import CloudletError
 
 USAGE_EXIT = 2
@@ -37,6 +43,14 @@ def cli() -> None:
 @click.option("--host", help="Router bind address [CLOUDLET_HOST; default 127.0.0.1].")
 @click.option("--port", help="Router port [CLOUDLET_PORT; default 8080].")
 @click.option("--api-port", help="Control API port on 127.0.0.1 [CLOUDLET_API_PORT; default 8090].")
+@click.option(
+    "--api-tls-port",
+    help="Also serve the control API over HTTPS on this port, for kubectl and gcloud "
+    "--platform kubernetes (which needs 443) [CLOUDLET_API_TLS_PORT; default off].",
+)
+@click.option(
+    "--api-tls-host", help="Address of the HTTPS listener [CLOUDLET_API_TLS_HOST; 127.0.0.1]."
+)
 @click.option("--domain", help="Domain of service URLs [CLOUDLET_DOMAIN; default localhost].")
 @click.option(
     "--scale-to-zero-grace",
@@ -45,6 +59,11 @@ def cli() -> None:
 )
 @click.option(
     "--stable-window", help="Autoscaler stable window [CLOUDLET_STABLE_WINDOW; default 60s]."
+)
+@click.option(
+    "--log-retention-bytes",
+    help="Size cap of stored logs, oldest dropped first, e.g. 512Mi "
+    "[CLOUDLET_LOG_RETENTION_BYTES; default 256Mi].",
 )
 def server_command(**flags: Any) -> None:
     """Run the Cloudlet daemon in the foreground: control API, router, autoscaler."""
@@ -57,6 +76,13 @@ def server_command(**flags: Any) -> None:
 
 cli.add_command(run_group)
 cli.add_command(deploy_command, "deploy")
+cli.add_command(builds_group)
+cli.add_command(kubeconfig_command)
+cli.add_command(gcloud_config_command)
+cli.add_command(auth_group)
+cli.add_command(secrets_group)
+cli.add_command(beta_group)
+cli.add_command(billing_group)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(exc.message, USAGE_EXIT if exc.user_fault else 1)
     except CloudletError as exc:
         _fail(exc.message, USAGE_EXIT if exc.user_fault else 1)
-    except DeployFailed as exc:
+    except (DeployFailed, BuildFailed) as exc:
         _fail(str(exc), 1)
 
 

@@ -9,10 +9,14 @@ import click
 import yaml
 
 from cloudlet.cli import render
+from cloudlet.cli.builds import image_for_deploy
 from cloudlet.cli.client import ApiError, Client
 from cloudlet.cli.deploy import deploy, set_public, summary, wait_ready
+from cloudlet.cli.logs import logs_group, recent_traffic_lines
 from cloudlet.cli.options import DEFAULT_REGION, common, namespace
 from cloudlet.cli.template import TemplateFlags, parse_pairs
+from cloudlet.cli.traffic import rows_of, traffic_lines, update_traffic_command
+from cloudlet.security.flags import parse_secret_refs
 
 
 @click.group("run")
@@ -49,7 +53,7 @@ def template_options(func: Any) -> Any:
             type=click.Path(exists=True, dir_okay=False),
             help="YAML file of KEY: VALUE to set as all env vars.",
         ),
-        click.option("--labels", help="Replace all labels: KEY=VALUE,..."),
+        click.option("--labels", help="Add or change labels: KEY=VALUE,... (= --update-labels)."),
         click.option("--update-labels", help="Add or change labels."),
         click.option("--remove-labels", help="Remove labels: KEY,..."),
         click.option("--clear-labels", is_flag=True, help="Remove all labels."),
@@ -63,6 +67,29 @@ def template_options(func: Any) -> Any:
             "--cpu-boost/--no-cpu-boost",
             default=None,
             help="Double CPU while an instance starts (default on).",
+        ),
+        click.option(
+            "--startup-probe",
+            help="Startup probe, KEY=VALUE,...: httpGet.path=/ready,httpGet.port=8080 or "
+            "tcpSocket.port=8080, initialDelaySeconds, timeoutSeconds, periodSeconds, "
+            'failureThreshold ("" removes it).',
+        ),
+        click.option(
+            "--liveness-probe",
+            help="Liveness probe, KEY=VALUE,...: httpGet.path, httpGet.port, "
+            'initialDelaySeconds, timeoutSeconds, periodSeconds, failureThreshold ("" removes it).',
+        ),
+        click.option(
+            "--set-secrets",
+            help="Replace all secret env vars: ENV=SECRET:VERSION,... (VERSION a number or "
+            "latest; `cloudlet secrets create` makes secrets).",
+        ),
+        click.option("--update-secrets", help="Add or change secret env vars: ENV=SECRET:VERSION"),
+        click.option(
+            "--ingress",
+            type=click.Choice(["all", "internal"]),
+            help="all: anyone who can reach the router; internal: only this machine and "
+            "Cloudlet instances (others get 404).",
         ),
     ]
     for option in reversed(options):
@@ -89,6 +116,10 @@ def flags_from(opts: dict[str, Any]) -> TemplateFlags:
     def names(key: str) -> list[str]:
         return [n for n in (opts.get(key) or "").split(",") if n]
 
+    def secret_refs(key: str) -> dict[str, tuple[str, str]] | None:
+        value = opts.get(key)
+        return parse_secret_refs(value, "--" + key.replace("_", "-")) if value else None
+
     set_env = pairs("set_env_vars")
     file_env = _env_file(opts.get("env_vars_file"))
     return TemplateFlags(
@@ -113,6 +144,11 @@ def flags_from(opts: dict[str, Any]) -> TemplateFlags:
         revision_suffix=opts.get("revision_suffix"),
         cpu_throttling=opts.get("cpu_throttling"),
         cpu_boost=opts.get("cpu_boost"),
+        startup_probe=opts.get("startup_probe"),
+        liveness_probe=opts.get("liveness_probe"),
+        set_secrets=secret_refs("set_secrets"),
+        update_secrets=secret_refs("update_secrets") or {},
+        ingress=opts.get("ingress"),
     )
 
 
@@ -132,6 +168,11 @@ def flags_from(opts: dict[str, Any]) -> TemplateFlags:
 )
 @click.option("--tag", help="Give the new revision a tag URL: TAG---SERVICE.DOMAIN.")
 @click.option("--async", "run_async", is_flag=True, help="Return without waiting for readiness.")
+@click.option(
+    "--source",
+    help="Build this folder (its Dockerfile, or one generated for a detected Python app) "
+    "and deploy the image; instead of --image.",
+)
 @common
 def deploy_command(
     service: str,
@@ -148,6 +189,8 @@ def deploy_command(
 ) -> None:
     """Deploy an image to SERVICE, creating it or a new revision of it."""
     client = Client.from_env()
+    source = opts.pop("source")
+    opts["image"] = image_for_deploy(client, namespace(project), service, opts["image"], source)
     result = deploy(
         client,
         namespace(project),
@@ -168,6 +211,10 @@ def deploy_command(
 @run_group.group("services")
 def services_group() -> None:
     """List, describe, update and delete services."""
+
+
+services_group.add_command(update_traffic_command)
+services_group.add_command(logs_group)
 
 
 @services_group.command("list")
@@ -217,6 +264,8 @@ def services_describe(
     if render.emit(body, fmt):
         return
     describe_service(body)
+    for line in recent_traffic_lines(client, namespace(project), service):
+        render.out.print(line)
 
 
 def export(body: dict[str, Any]) -> dict[str, Any]:
@@ -245,10 +294,8 @@ def describe_service(body: dict[str, Any]) -> None:
     )
     render.out.print(f"URL:     {status.get('url', '')}")
     render.out.print("Traffic:")
-    for target in status.get("traffic", []):
-        tag = f" (tag {target['tag']}: {target.get('url', '')})" if target.get("tag") else ""
-        latest = " LATEST" if target.get("latestRevision") else ""
-        render.out.print(f"  {target.get('percent', 0):>3}%{latest} {target['revisionName']}{tag}")
+    for line in traffic_lines(rows_of(body)):
+        render.out.print(line)
     render.out.print("Conditions:")
     for cond in status.get("conditions", []):
         why = f" {cond.get('reason', '')}: {cond.get('message', '')}" if cond.get("reason") else ""
@@ -285,7 +332,7 @@ def services_delete(
     _confirm(quiet, f"Service [{service}] will be deleted.")
     client = Client.from_env()
     client.request("DELETE", client.service_path(namespace(project), service))
-    render.err.print(f"Deleted service [{service}].")
+    render.err.print(f"Deleted service [{service}].", markup=False)
 
 
 def _confirm(quiet: bool, message: str) -> None:
@@ -298,6 +345,8 @@ def _confirm(quiet: bool, message: str) -> None:
 @services_group.command("update")
 @click.argument("service")
 @template_options
+@click.option("--no-traffic", is_flag=True, help="Keep traffic where it is (see deploy).")
+@click.option("--tag", help="Give the new revision a tag URL: TAG---SERVICE.DOMAIN.")
 @click.option("--async", "run_async", is_flag=True, help="Return without waiting.")
 @common
 def services_update(
@@ -323,6 +372,8 @@ def services_update(
         service,
         flags_from(opts),
         allow_unauthenticated=None,
+        no_traffic=bool(opts.get("no_traffic")),
+        tag=opts.get("tag"),
         wait=not run_async,
     )
     if not render.emit(result, fmt) and not run_async:
@@ -349,10 +400,13 @@ def services_replace(
         body = yaml.safe_load(Path(file).read_text())
     except yaml.YAMLError as exc:
         raise click.BadParameter(f"not valid YAML: {exc}", param_hint="FILE") from None
-    if not isinstance(body, dict) or not isinstance(body.get("metadata"), dict):
+    meta = body.get("metadata") if isinstance(body, dict) else None
+    if not isinstance(meta, dict) or not meta.get("name"):
         raise click.BadParameter("expected a Knative Service with metadata.name", param_hint="FILE")
     name = str(body["metadata"].get("name", ""))
-    ns = namespace(project or body["metadata"].get("namespace"))
+    # a Cloud Run export's namespace is the project number, which means nothing here
+    file_ns = str(body["metadata"].get("namespace") or "")
+    ns = namespace(project or (None if file_ns.isdigit() else file_ns or None))
     body["metadata"].pop("resourceVersion", None)
     client = Client.from_env()
     params = {"dryRun": "All"} if dry_run else None
@@ -362,7 +416,7 @@ def services_replace(
     )
     result = client.request(method, path, body, params=params)
     if dry_run:
-        render.err.print(f"Validated service [{name}]: the change would be accepted.")
+        render.err.print(f"Validated service [{name}]: the change would be accepted.", markup=False)
         return
     if not run_async:
         result = wait_ready(client, ns, name, int(result["metadata"]["generation"]))
@@ -393,7 +447,7 @@ def services_add_binding(
         _edit_binding(
             client, namespace(project), region or DEFAULT_REGION, service, member, role, True
         )
-    render.err.print(f"Updated IAM policy for service [{service}].")
+    render.err.print(f"Updated IAM policy for service [{service}].", markup=False)
 
 
 def _edit_binding(
@@ -412,6 +466,47 @@ def _edit_binding(
         client.iam(ns, region, service, "setIamPolicy"),
         {"policy": {"bindings": new, "etag": policy.get("etag")}},
     )
+
+
+@services_group.command("remove-iam-policy-binding")
+@click.argument("service")
+@click.option("--member", required=True, help="allUsers or user:NAME")
+@click.option("--role", required=True, help="roles/run.invoker")
+@common
+def services_remove_binding(
+    service: str,
+    member: str,
+    role: str,
+    project: str | None,
+    region: str | None,
+    platform: str,
+    fmt: str | None,
+    quiet: bool,
+) -> None:
+    """Take ROLE on SERVICE away from MEMBER."""
+    client = Client.from_env()
+    _edit_binding(
+        client, namespace(project), region or DEFAULT_REGION, service, member, role, False
+    )
+    render.err.print(f"Updated IAM policy for service [{service}].", markup=False)
+
+
+@services_group.command("get-iam-policy")
+@click.argument("service")
+@common
+def services_get_policy(
+    service: str,
+    project: str | None,
+    region: str | None,
+    platform: str,
+    fmt: str | None,
+    quiet: bool,
+) -> None:
+    """Print SERVICE's IAM policy (who holds which role)."""
+    client = Client.from_env()
+    ns, where = namespace(project), region or DEFAULT_REGION
+    policy = client.request("POST", client.iam(ns, where, service, "getIamPolicy"), {})
+    render.emit(policy, fmt if fmt in ("json", "yaml") else "yaml")
 
 
 @run_group.group("revisions")
@@ -509,4 +604,4 @@ def revisions_delete(
     _confirm(quiet, f"Revision [{revision}] will be deleted.")
     client = Client.from_env()
     client.request("DELETE", client.revision_path(namespace(project), revision))
-    render.err.print(f"Deleted revision [{revision}].")
+    render.err.print(f"Deleted revision [{revision}].", markup=False)

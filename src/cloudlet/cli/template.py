@@ -12,6 +12,7 @@ from typing import Any
 
 from cloudlet.domain.errors import InvalidError
 from cloudlet.domain.names import validate_env_name
+from cloudlet.domain.probes import ProbeKind, parse_probe_flag
 from cloudlet.domain.quantities import (
     format_cpu,
     format_memory,
@@ -20,6 +21,7 @@ from cloudlet.domain.quantities import (
     parse_memory,
 )
 from cloudlet.domain.revision import CPU_BOOST, CPU_THROTTLING, MAX_SCALE_KEYS, MIN_SCALE_KEYS
+from cloudlet.security.flags import apply_ingress, apply_secrets
 
 UNSET: Any = None
 
@@ -49,6 +51,11 @@ class TemplateFlags:
     revision_suffix: str | None = None
     cpu_throttling: bool | None = None
     cpu_boost: bool | None = None
+    startup_probe: str | None = None
+    liveness_probe: str | None = None
+    set_secrets: dict[str, tuple[str, str]] | None = None
+    update_secrets: dict[str, tuple[str, str]] = field(default_factory=dict)
+    ingress: str | None = None
 
 
 def new_service(name: str, namespace: str) -> dict[str, Any]:
@@ -97,6 +104,8 @@ def apply(service: dict[str, Any], flags: TemplateFlags) -> dict[str, Any]:
     _apply_container(container, flags)
     _apply_spec(spec, flags)
     _apply_env(container, flags)
+    apply_secrets(container, flags.set_secrets, flags.update_secrets)
+    apply_ingress(out, flags.ingress)
     _apply_scaling(meta, flags)
     meta_labels = _apply_labels(meta.get("labels") or {}, flags)
     meta["labels"] = meta_labels
@@ -128,6 +137,23 @@ def _apply_container(container: dict[str, Any], flags: TemplateFlags) -> None:
         limits["cpu"] = format_cpu(parse_cpu(flags.cpu, "--cpu"))
     if flags.memory is not None:
         limits["memory"] = format_memory(parse_memory(flags.memory, "--memory"))
+    _apply_probes(container, flags)
+
+
+def _apply_probes(container: dict[str, Any], flags: TemplateFlags) -> None:
+    """gcloud's --startup-probe / --liveness-probe: replace the probe; "" removes it."""
+    given: tuple[tuple[str | None, ProbeKind, str], ...] = (
+        (flags.startup_probe, "startup", "startupProbe"),
+        (flags.liveness_probe, "liveness", "livenessProbe"),
+    )
+    for text, kind, key in given:
+        if text is None:
+            continue
+        probe = parse_probe_flag(text, kind)
+        if probe is None:
+            container.pop(key, None)
+        else:
+            container[key] = probe
 
 
 def _apply_spec(spec: dict[str, Any], flags: TemplateFlags) -> None:
@@ -181,7 +207,8 @@ def _apply_scaling(meta: dict[str, Any], flags: TemplateFlags) -> None:
 
 
 def _apply_labels(labels: dict[str, str], flags: TemplateFlags) -> dict[str, str]:
-    out = {} if flags.clear_labels or flags.labels is not None else dict(labels)
+    """gcloud's label diff: clear, remove, then add; `--labels` is `--update-labels`."""
+    out = {} if flags.clear_labels else dict(labels)
     for key in flags.remove_labels:
         out.pop(key, None)
     out.update(flags.labels or {})

@@ -1,8 +1,10 @@
 """The control API: Knative Serving v1 REST (Cloud Run Admin API v1) over HTTP.
 
 The one place errors become HTTP: every CloudletError turns into a Kubernetes ``Status``
-body with the code, reason and the field it names. All routes but ``/healthz`` need the
-bearer token the server created in CLOUDLET_HOME.
+body with the code, reason and the field it names (plus Google's ``error`` block, which is
+what gcloud prints). All routes but ``/healthz`` and ``/version`` need the bearer token the
+server created in CLOUDLET_HOME. The real gcloud and kubectl use these routes too; what
+only they need lives in ``gcloud``, ``discovery`` and ``kubectl`` (docs/gcloud-kubectl.md).
 """
 
 from __future__ import annotations
@@ -15,19 +17,35 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from cloudlet.controlplane import kubectl
+from cloudlet.controlplane.builds import BuildService, add_build_routes
+from cloudlet.controlplane.discovery import add_discovery_routes
+from cloudlet.controlplane.gcloud import (
+    add_gcloud_routes,
+    field_message,
+    google_error,
+    normalize_service,
+    stamp_region,
+)
+from cloudlet.controlplane.security_api import SecurityParts, add_security_routes
 from cloudlet.controlplane.services import ServiceManager
+from cloudlet.controlplane.telemetry_api import add_telemetry_routes
 from cloudlet.domain.errors import CloudletError, InvalidError, NotFoundError, UnauthorizedError
 from cloudlet.domain.models import API_VERSION
+from cloudlet.telemetry.collector import Telemetry
 
-KNATIVE = "/apis/serving.knative.dev/v1/namespaces/{namespace}"
+ALL_NAMESPACES = "/apis/serving.knative.dev/v1"
+KNATIVE = ALL_NAMESPACES + "/namespaces/{namespace}"
 IAM = "/v1/projects/{project}/locations/{location}/services/{service}"
 MAX_BODY = 1 << 20
+PUBLIC = ("/healthz", "/version")
 
 
 def status_body(error: CloudletError) -> dict[str, Any]:
     details: dict[str, Any] = {}
     if error.field:
-        details["causes"] = [{"field": error.field, "message": error.message}]
+        # kubectl prints "FIELD: MESSAGE" for each cause, so the cause omits the field
+        details["causes"] = [{"field": error.field, "message": field_message(error)}]
     return {
         "kind": "Status",
         "apiVersion": "v1",
@@ -37,6 +55,7 @@ def status_body(error: CloudletError) -> dict[str, Any]:
         "reason": error.reason,
         "details": details,
         "code": error.status,
+        "error": google_error(error),  # what gcloud prints; kubectl reads the Status fields
     }
 
 
@@ -44,10 +63,15 @@ def _error_response(error: CloudletError) -> JSONResponse:
     return JSONResponse(status_body(error), status_code=error.status)
 
 
-async def _json_body(request: Request) -> Any:
+async def _raw_body(request: Request) -> bytes:
     raw = await request.body()
     if len(raw) > MAX_BODY:
         raise InvalidError(f"body: larger than {MAX_BODY} bytes", field="body")
+    return raw
+
+
+async def _json_body(request: Request) -> Any:
+    raw = await _raw_body(request)
     try:
         return json.loads(raw or b"null")
     except (ValueError, UnicodeDecodeError) as exc:
@@ -67,8 +91,23 @@ def _selector_service(request: Request) -> str | None:
     return None
 
 
-def _list(kind: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+def _list(kind: str, items: list[dict[str, Any]], request: Request) -> dict[str, Any]:
+    """A Knative list, or the Table `kubectl get` asks for."""
+    if request.query_params.get("watch") in ("true", "1"):
+        raise InvalidError(
+            "watch: Cloudlet does not stream changes; poll with `kubectl get` instead of "
+            "`--watch` or `kubectl wait`",
+            field="watch",
+        )
+    if kubectl.wants_table(request.headers.get("accept", "")):
+        return kubectl.table(kind, items, request.query_params.get("includeObject"))
     return {"apiVersion": API_VERSION, "kind": f"{kind}List", "metadata": {}, "items": items}
+
+
+def _one(kind: str, item: dict[str, Any], request: Request) -> dict[str, Any]:
+    if kubectl.wants_table(request.headers.get("accept", "")):
+        return kubectl.table(kind, [item], request.query_params.get("includeObject"))
+    return item
 
 
 ImageCheck = Callable[[str], Awaitable[object]]
@@ -86,8 +125,11 @@ def build_api(
     token: str,
     check_image: ImageCheck | None = None,
     metrics: Callable[[], str] | None = None,
+    builds: BuildService | None = None,
+    security: SecurityParts | None = None,
+    telemetry: Telemetry | None = None,
 ) -> FastAPI:
-    """The FastAPI app for one server; ``token`` guards every route but /healthz.
+    """The FastAPI app for one server; ``token`` guards every route but /healthz, /version.
 
     ``check_image`` admits a service only if its image exists, so a typo in ``--image``
     is refused before anything is stored.
@@ -99,7 +141,7 @@ def build_api(
     async def _auth(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
-        if request.url.path not in ("/healthz",) and not _authorized(request, token):
+        if request.url.path not in PUBLIC and not _authorized(request, token):
             return _error_response(
                 UnauthorizedError(
                     "missing or invalid bearer token: the CLI reads it from CLOUDLET_HOME/token"
@@ -115,6 +157,11 @@ def build_api(
     _routes_revisions(app, services)
     _routes_derived(app, services)
     _routes_iam(app, services)
+    add_discovery_routes(app)
+    add_gcloud_routes(app, services)
+    add_build_routes(app, builds)
+    add_security_routes(app, security)
+    add_telemetry_routes(app, telemetry)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
@@ -147,8 +194,9 @@ def _authorized(request: Request, token: str) -> bool:
 
 def _routes_services(app: FastAPI, services: ServiceManager) -> None:
     @app.get(KNATIVE + "/services")
-    async def list_services(namespace: str) -> dict[str, Any]:
-        return _list("Service", services.list_services(namespace))
+    @app.get(ALL_NAMESPACES + "/services")
+    async def list_services(request: Request, namespace: str | None = None) -> dict[str, Any]:
+        return _list("Service", services.list_services(namespace), request)
 
     async def admit(request: Request, body: Any, current: dict[str, Any] | None) -> None:
         check = request.app.state.check_image
@@ -157,23 +205,41 @@ def _routes_services(app: FastAPI, services: ServiceManager) -> None:
             return
         await check(image)
 
-    @app.post(KNATIVE + "/services", status_code=201)
-    async def create_service(namespace: str, request: Request) -> dict[str, Any]:
-        body = await _json_body(request)
+    async def create(namespace: str, body: Any, request: Request) -> dict[str, Any]:
+        body = normalize_service(stamp_region(body, request))
         services.create_service(namespace, body, dry_run=True)
         await admit(request, body, None)
         return services.create_service(namespace, body, _dry_run(request))
 
-    @app.get(KNATIVE + "/services/{name}")
-    async def get_service(namespace: str, name: str) -> dict[str, Any]:
-        return services.get_service(namespace, name)
-
-    @app.put(KNATIVE + "/services/{name}")
-    async def replace_service(namespace: str, name: str, request: Request) -> dict[str, Any]:
-        body = await _json_body(request)
+    async def replace(namespace: str, name: str, body: Any, request: Request) -> dict[str, Any]:
+        body = normalize_service(stamp_region(body, request))
         services.replace_service(namespace, name, body, dry_run=True)
         await admit(request, body, services.get_service(namespace, name))
         return services.replace_service(namespace, name, body, _dry_run(request))
+
+    @app.post(KNATIVE + "/services", status_code=201)
+    async def create_service(namespace: str, request: Request) -> dict[str, Any]:
+        return await create(namespace, await _json_body(request), request)
+
+    @app.get(KNATIVE + "/services/{name}")
+    async def get_service(namespace: str, name: str, request: Request) -> dict[str, Any]:
+        return _one("Service", services.get_service(namespace, name), request)
+
+    @app.put(KNATIVE + "/services/{name}")
+    async def replace_service(namespace: str, name: str, request: Request) -> dict[str, Any]:
+        return await replace(namespace, name, await _json_body(request), request)
+
+    @app.patch(KNATIVE + "/services/{name}")
+    async def patch_service(
+        namespace: str, name: str, request: Request, response: Response
+    ) -> dict[str, Any]:
+        kind = kubectl.patch_kind(request.headers.get("content-type", ""))
+        patch = kubectl.parse_patch(await _raw_body(request), kind)
+        if kind == kubectl.APPLY_PATCH and services.service_record(namespace, name) is None:
+            response.status_code = 201  # server-side apply creates what is missing
+            return await create(namespace, kubectl.applied_object(patch, name), request)
+        body = kubectl.merge_patch(services.get_service(namespace, name), patch)
+        return await replace(namespace, name, body, request)
 
     @app.delete(KNATIVE + "/services/{name}")
     async def delete_service(namespace: str, name: str) -> dict[str, Any]:
@@ -188,12 +254,14 @@ def _routes_services(app: FastAPI, services: ServiceManager) -> None:
 
 def _routes_revisions(app: FastAPI, services: ServiceManager) -> None:
     @app.get(KNATIVE + "/revisions")
-    async def list_revisions(namespace: str, request: Request) -> dict[str, Any]:
-        return _list("Revision", services.list_revisions(namespace, _selector_service(request)))
+    @app.get(ALL_NAMESPACES + "/revisions")
+    async def list_revisions(request: Request, namespace: str | None = None) -> dict[str, Any]:
+        revisions = services.list_revisions(namespace, _selector_service(request))
+        return _list("Revision", revisions, request)
 
     @app.get(KNATIVE + "/revisions/{name}")
-    async def get_revision(namespace: str, name: str) -> dict[str, Any]:
-        return services.get_revision(namespace, name)
+    async def get_revision(namespace: str, name: str, request: Request) -> dict[str, Any]:
+        return _one("Revision", services.get_revision(namespace, name), request)
 
     @app.delete(KNATIVE + "/revisions/{name}")
     async def delete_revision(namespace: str, name: str) -> dict[str, Any]:
@@ -252,11 +320,15 @@ def _routes_derived(app: FastAPI, services: ServiceManager) -> None:
     for plural, make in (("configurations", _configuration), ("routes", _route)):
         kind = make.__name__.strip("_").capitalize()
 
-        async def list_all(namespace: str, make: Any = make, kind: str = kind) -> dict[str, Any]:
-            return _list(kind, [make(s) for s in services.list_services(namespace)])
+        async def list_all(
+            namespace: str, request: Request, make: Any = make, kind: str = kind
+        ) -> dict[str, Any]:
+            return _list(kind, [make(s) for s in services.list_services(namespace)], request)
 
-        async def get_one(namespace: str, name: str, make: Any = make) -> dict[str, Any]:
-            return dict(make(services.get_service(namespace, name)))
+        async def get_one(
+            namespace: str, name: str, request: Request, make: Any = make, kind: str = kind
+        ) -> dict[str, Any]:
+            return _one(kind, dict(make(services.get_service(namespace, name))), request)
 
         app.add_api_route(KNATIVE + f"/{plural}", list_all, methods=["GET"])
         app.add_api_route(KNATIVE + f"/{plural}/{{name}}", get_one, methods=["GET"])

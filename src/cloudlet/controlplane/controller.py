@@ -6,6 +6,8 @@ targets, tags, invoker policy) and tells the reconciler which revisions exist.
 
 from __future__ import annotations
 
+import logging
+
 from cloudlet.autoscaler.reconciler import Reconciler
 from cloudlet.controlplane import status as st
 from cloudlet.controlplane.services import REVISION, ServiceManager
@@ -13,15 +15,24 @@ from cloudlet.dataplane.activator import RevisionEndpoint
 from cloudlet.dataplane.routing import RoutingTable, ServiceRoute
 from cloudlet.domain.models import RevisionTemplate
 from cloudlet.domain.revision import revision_config
+from cloudlet.security.access import AccessGate, access_for
 from cloudlet.store import Record, Store
+
+log = logging.getLogger("cloudlet.controller")
 
 
 class Controller:
     """The glue between stored intent (services) and what runs (routes, instances)."""
 
     def __init__(
-        self, store: Store, services: ServiceManager, reconciler: Reconciler, table: RoutingTable
+        self,
+        store: Store,
+        services: ServiceManager,
+        reconciler: Reconciler,
+        table: RoutingTable,
+        gate: AccessGate | None = None,
     ) -> None:
+        self._gate = gate
         self._store = store
         self._services = services
         self._reconciler = reconciler
@@ -40,6 +51,8 @@ class Controller:
                 self._reconciler.remove(run.name)
         if service is None:
             self._table.remove_service(name)
+            if self._gate is not None:
+                self._gate.remove(name)
             return
         self._route(namespace, service, endpoints)
 
@@ -72,5 +85,24 @@ class Controller:
         if not targets:
             self._table.remove_service(service.name)
             return
+        if sum(percent for _, percent in targets) != 100:
+            # Part of the split names a revision that is not ready yet: as Knative does,
+            # keep serving the previous route until every target can take its share.
+            log.warning("route of %s not updated: its targets are not all ready", service.name)
+            return
         public = self._services.is_public(namespace, service.name)
+        if self._gate is not None:
+            public = self._guard(namespace, service, tags) and public
         self._table.set_service(ServiceRoute(service.name, targets, tags, public))
+
+    def _guard(self, namespace: str, service: Record, tags: dict[str, RevisionEndpoint]) -> bool:
+        """Give the gate the service's invokers, audiences and ingress; False if internal."""
+        assert self._gate is not None
+        urls = self._services.urls
+        access = access_for(
+            self._services.invokers(namespace, service.name),
+            [urls.service(service.name), *(urls.service(service.name, t) for t in tags)],
+            service.body["metadata"].get("annotations") or {},
+        )
+        self._gate.set(service.name, access)
+        return not access.internal

@@ -7,6 +7,7 @@ never drifts from what the reconciler reported.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import time
@@ -17,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cloudlet.controlplane import status as st
+from cloudlet.domain.autoscale import policy_from_annotations
 from cloudlet.domain.errors import AlreadyExistsError, ConflictError, InvalidError, NotFoundError
 from cloudlet.domain.models import (
     API_VERSION,
@@ -28,8 +30,9 @@ from cloudlet.domain.models import (
 )
 from cloudlet.domain.names import random_token, revision_name, validate_service_name
 from cloudlet.domain.revision import revision_config, template_key, with_defaults
-from cloudlet.domain.traffic import ResolvedTarget, default_traffic, resolve, serving_revisions
+from cloudlet.domain.traffic import ResolvedTarget, default_traffic, resolve, why_in_use
 from cloudlet.domain.traffic import validate as validate_traffic
+from cloudlet.security.access import access_for
 from cloudlet.store import Record, Store
 
 SERVICE, REVISION, POLICY = "services", "revisions", "iampolicies"
@@ -146,7 +149,9 @@ class ServiceManager:
                 field="metadata.resourceVersion",
             )
         template = with_defaults(service.spec.template)
-        revision_config(template)  # validates quantities, env, scaling annotations
+        config = revision_config(template)  # validates quantities, env, min/max scale
+        access_for((), (), service.metadata.annotations or {})  # validates ingress, audiences
+        policy_from_annotations(dict(config.annotations), config.container_concurrency)
         revisions = self._store.list(REVISION, namespace, owner=service.metadata.name)
         new_revision = self._new_revision_name(service.metadata.name, template, revisions, existing)
         known = {r.name for r in revisions} | ({new_revision} if new_revision else set())
@@ -365,10 +370,24 @@ class ServiceManager:
         self, namespace: str | None, service: str | None = None
     ) -> list[dict[str, Any]]:
         records = self._store.list(REVISION, namespace, owner=service)
-        return [_revision_view(r) for r in sorted(records, key=_generation, reverse=True)]
+        routed = self._routed(records)
+        return [
+            _revision_view(r, (r.namespace, r.name) in routed)
+            for r in sorted(records, key=_generation, reverse=True)
+        ]
 
     def get_revision(self, namespace: str, name: str) -> dict[str, Any]:
-        return _revision_view(self._revision_record(namespace, name))
+        record = self._revision_record(namespace, name)
+        return _revision_view(record, (namespace, name) in self._routed([record]))
+
+    def _routed(self, revisions: list[Record]) -> set[tuple[str, str]]:
+        """(namespace, name) of those revisions that get traffic or a tag."""
+        routed: set[tuple[str, str]] = set()
+        for namespace, owner in {(r.namespace, r.owner) for r in revisions}:
+            service = self._store.get(SERVICE, namespace, owner)
+            if service is not None:
+                routed |= {(namespace, t.revision) for t in self.resolved_traffic(service)}
+        return routed
 
     def _revision_record(self, namespace: str, name: str) -> Record:
         record = self._store.get(REVISION, namespace, name)
@@ -383,11 +402,12 @@ class ServiceManager:
     def delete_revision(self, namespace: str, name: str) -> dict[str, Any]:
         record = self._revision_record(namespace, name)
         service = self._service_record(namespace, record.owner)
-        if name in serving_revisions(self.resolved_traffic(service)):
+        in_use = why_in_use(self.resolved_traffic(service), name)
+        if in_use:
             raise ConflictError(
-                f"revision {name!r} serves traffic or carries a tag for service "
-                f"{record.owner!r}; move its traffic and tags away first "
-                "(`cloudlet run services update-traffic`)",
+                f"revision {name!r} {in_use} for service {record.owner!r}; move them away "
+                "first with `cloudlet run services update-traffic` (--to-revisions, "
+                "--remove-tags)",
                 field="metadata.name",
             )
         if name == service.body.get("status", {}).get("latestCreatedRevisionName"):
@@ -436,7 +456,9 @@ class ServiceManager:
         self._service_record(namespace, name)
         record = self._store.get(POLICY, namespace, name)
         policy = dict(record.body) if record else {"version": 1, "bindings": []}
-        policy["etag"] = str(record.version) if record else "ACAB"
+        # gcloud decodes the etag as bytes, so it must be base64
+        version = str(record.version if record else 0).encode()
+        policy["etag"] = base64.b64encode(b"v" + version).decode()
         return policy
 
     def set_policy(self, namespace: str, name: str, policy: Any) -> dict[str, Any]:
@@ -447,11 +469,17 @@ class ServiceManager:
         return self.get_policy(namespace, name)
 
     def is_public(self, namespace: str, name: str) -> bool:
+        return "allUsers" in self.invokers(namespace, name)
+
+    def invokers(self, namespace: str, name: str) -> set[str]:
+        """Members holding roles/run.invoker on the service."""
         record = self._store.get(POLICY, namespace, name)
         bindings = record.body.get("bindings", []) if record else []
-        return any(
-            b.get("role") == INVOKER and "allUsers" in b.get("members", []) for b in bindings
-        )
+        return {m for b in bindings if b.get("role") == INVOKER for m in b.get("members", [])}
+
+    @property
+    def urls(self) -> Urls:
+        return self._urls
 
 
 _KEY_NOTE = "cloudlet.dev/template-hash"
@@ -470,7 +498,7 @@ def _generation(record: Record) -> int:
     return int(record.body["metadata"].get("revisionNumber", 0))
 
 
-def _revision_view(record: Record) -> dict[str, Any]:
+def _revision_view(record: Record, routed: bool | None = None) -> dict[str, Any]:
     body = {
         **record.body,
         "metadata": {**record.body["metadata"], "resourceVersion": str(record.version)},
@@ -478,7 +506,14 @@ def _revision_view(record: Record) -> dict[str, Any]:
     meta = body["metadata"]
     meta["annotations"] = {k: v for k, v in meta.get("annotations", {}).items() if k != _KEY_NOTE}
     meta.pop("revisionNumber", None)
+    if routed is not None:  # Knative's Active condition; gcloud's ACTIVE column reads it
+        active = st.condition("Active", "True") if routed else _NO_TRAFFIC
+        status = body.get("status", {})
+        body["status"] = {**status, "conditions": [*status.get("conditions", []), active]}
     return body
+
+
+_NO_TRAFFIC = st.condition("Active", "False", "NoTraffic", "The target is not receiving traffic.")
 
 
 def _parse(body: Any) -> Service:

@@ -289,7 +289,6 @@ class RouterProtocol(asyncio.Protocol):
             or self._active is not None
             or self.closing
             or not entry.route.public
-            or table.authorize is not None
             or method == b"CONNECT"
         ):
             self._lines = []  # the general path keeps this one

@@ -82,7 +82,7 @@ def resolve(
             "`cloudlet run services list` shows services and their URLs",
         )
     route, endpoint = resolved
-    refusal = table.refusal(route, auth)
+    refusal = table.refusal(route, auth, client.ip)
     return endpoint if refusal is None else refusal
 
 

@@ -99,6 +99,8 @@ class RoutingTable:
         self._cache: dict[bytes, HostEntry] = {}
         self.authorize: Authorizer | None = None
         """Given a route and the Authorization header: (status, message) refuses, None allows."""
+        self.screen: Callable[[ServiceRoute, str], tuple[int, str] | None] | None = None
+        """Given a non-public route and the client's IP: (status, message) refuses (ingress)."""
         self.on_request_done: Callable[[RequestRecord], None] | None = None
         """Called with a record of every finished request; no record is built when None."""
 
@@ -152,8 +154,15 @@ class RoutingTable:
         """A revision among the entry's traffic targets, by their percents."""
         return pick_weighted(entry.route.targets, self._random())
 
-    def refusal(self, route: ServiceRoute, authorization: bytes | None) -> tuple[int, str] | None:
-        """Why this request may not invoke the route, or None when it may."""
+    def refusal(
+        self, route: ServiceRoute, authorization: bytes | None, ip: str = ""
+    ) -> tuple[int, str] | None:
+        """Why this request may not invoke the route, or None when it may (public routes
+        always may: they take the proxy's fast path, which does not ask)."""
+        if route.public:
+            return None
+        if self.screen is not None and (refused := self.screen(route, ip)) is not None:
+            return refused
         if self.authorize is not None:
             return self.authorize(route, authorization)
         if route.public:

@@ -30,6 +30,7 @@ from cloudlet.dataplane.wire import (
     drop_named,
     header_class,
     status_line,
+    whole_response,
 )
 
 if TYPE_CHECKING:
@@ -191,6 +192,15 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()  # bytes nobody asked for: the connection is out of step
             return
         if self.phase == WAITING:
+            if exchange.plain and not exchange.client.closing:
+                passing = whole_response(data)
+                if passing >= 0:  # the common case: the response passes as it is
+                    self.write_client_bytes(data)
+                    self.resp_bytes = passing >> 10
+                    exchange.status = passing & 1023
+                    exchange.started = True
+                    exchange.response_done(self, True)
+                    return
             self.phase = READING
         try:
             self.parser.feed_data(data)

@@ -213,3 +213,65 @@ def random_ids(bits: int) -> tuple[bytes, bytes]:
 SPAN_MASK = (1 << 64) - 1
 FRESH_TRACE = b"traceparent: 00-%032x-%016x-01\r\nX-Cloud-Trace-Context: %032x/%d;o=1\r\n"
 """Both trace headers from a new trace id and span id (ints), in one format."""
+
+
+# -- responses that pass as they are --------------------------------------------------------
+
+_HEAD_END = b"\r\n\r\n"
+_LENGTH_MARK = b"\r\ncontent-length:"
+_NEEDS_PARSER = re.compile(
+    rb"\r\n(?:connection|keep-alive|proxy-conn|trailer|upgrade|transfer-enc|te[ \t]*:)"
+    rb"|\n[ \t]"
+)
+"""Hop-by-hop or framing headers (names matched as prefixes: a false match only costs the
+slower path), or a folded header line."""
+_PASSING_LIMIT = 1024
+
+PASSING: dict[bytes, int] = {}
+"""Response heads already judged by ``passable`` → its verdict; most instances send the
+same few heads over and over."""
+
+
+def whole_response(data: bytes) -> int:
+    """``body length << 10 | status`` when ``data`` is exactly one complete response that
+    may pass to the client byte for byte (see ``passable``), else -1."""
+    end = data.find(_HEAD_END)
+    if end < 0:
+        return -1
+    head = data[:end]
+    verdict = PASSING.get(head)
+    if verdict is None:
+        verdict = passable(head)
+        if len(PASSING) >= _PASSING_LIMIT:
+            PASSING.clear()
+        PASSING[head] = verdict
+    return verdict if verdict >> 10 == len(data) - end - 4 else -1
+
+
+def passable(head: bytes) -> int:
+    """``body length << 10 | status`` when ``head`` (without its final empty line) is that
+    of a keep-alive HTTP/1.1 response, 200 to 599 but not 204 or 304, framed by a single
+    Content-Length, with no hop-by-hop header and CRLF line ends only; else -1."""
+    if not head.startswith(b"HTTP/1.1 ") or len(head) < 12:
+        return -1
+    status = head[9:12]
+    if not status.isdigit() or head[12:13] not in (b" ", b"\r", b""):
+        return -1
+    if not b"200" <= status <= b"599" or status == b"204" or status == b"304":
+        return -1
+    lower = head.lower()
+    at = lower.find(_LENGTH_MARK)
+    if at < 0 or _NEEDS_PARSER.search(lower) is not None:
+        return -1
+    start = at + len(_LENGTH_MARK)
+    stop = lower.find(b"\r\n", start)
+    value = (lower[start:stop] if stop >= 0 else lower[start:]).strip(b" \t")
+    if (
+        not value.isdigit()
+        or len(value) > 15
+        or lower.find(_LENGTH_MARK, start) >= 0
+        or lower.count(b"\n") != lower.count(b"\r\n")
+        or lower.count(b"\r") != lower.count(b"\n")
+    ):
+        return -1
+    return int(value) << 10 | int(status)

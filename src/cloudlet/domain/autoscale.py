@@ -97,6 +97,13 @@ def activation_scale(policy: ScalingPolicy) -> int:
     return clamp_to_scale_bounds(policy, max(1, policy.activation_scale))
 
 
+def instances_for_backlog(policy: ScalingPolicy, in_flight: int, queued: int) -> int:
+    """Instances wanted at once when requests queue (the activator's poke, ahead of the
+    next tick): enough for everything in flight and waiting, at the per-instance target."""
+    wanted = max(1, math.ceil((in_flight + queued) / target_per_instance(policy)))
+    return clamp_to_scale_bounds(policy, wanted)
+
+
 def initial_instances(policy: ScalingPolicy) -> int:
     """Instances to start when a revision is created (Knative's initial-scale)."""
     return clamp_to_scale_bounds(policy, policy.initial_scale)

@@ -8,6 +8,7 @@ from typing import Any
 
 from cloudlet.domain.errors import InvalidError
 from cloudlet.domain.models import (
+    Container,
     ContainerPort,
     ResourceRequirements,
     RevisionTemplate,
@@ -15,6 +16,7 @@ from cloudlet.domain.models import (
     dump,
 )
 from cloudlet.domain.names import validate_env_name
+from cloudlet.domain.probes import ProbeSettings, probe_settings
 from cloudlet.domain.quantities import format_cpu, format_memory, parse_cpu, parse_memory
 
 DEFAULT_CONCURRENCY = 80
@@ -49,6 +51,8 @@ class RevisionConfig:
     cpu_throttling: bool
     cpu_boost: bool
     annotations: tuple[tuple[str, str], ...]
+    startup_probe: ProbeSettings | None = None
+    liveness_probe: ProbeSettings | None = None
 
 
 def with_defaults(template: RevisionTemplate) -> RevisionTemplate:
@@ -135,7 +139,7 @@ def revision_config(template: RevisionTemplate) -> RevisionConfig:
         )
     return RevisionConfig(
         image=container.image,
-        port=container.ports[0].containerPort if container.ports else DEFAULT_PORT,
+        port=_port(container),
         command=tuple(container.command or ()),
         args=tuple(container.args or ()),
         env=_env(template),
@@ -150,7 +154,13 @@ def revision_config(template: RevisionTemplate) -> RevisionConfig:
         cpu_throttling=_flag(annotations, CPU_THROTTLING, True),
         cpu_boost=_flag(annotations, CPU_BOOST, True),
         annotations=tuple(sorted(annotations.items())),
+        startup_probe=probe_settings(container.startupProbe, _port(container)),
+        liveness_probe=probe_settings(container.livenessProbe, _port(container)),
     )
+
+
+def _port(container: Container) -> int:
+    return container.ports[0].containerPort if container.ports else DEFAULT_PORT
 
 
 def template_key(template: RevisionTemplate) -> dict[str, Any]:

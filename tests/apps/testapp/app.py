@@ -12,6 +12,7 @@ Endpoints:
   GET  /bytes?n=N        N bytes where byte i == i % 256 (&chunked=1 for chunked encoding)
   GET  /exit?code=N      answer, then os._exit(N) shortly after
   GET  /status?code=N    answer with status N
+  GET  /alloc?mb=N       allocate and hold N more MiB (to exceed a memory limit)
 Env: PORT (8080), STARTUP_DELAY_MS, CRASH_AT_START, SIGTERM_DELAY_MS.
 /stats and /stats/reset are not counted in in_flight, peak or requests.
 """
@@ -323,6 +324,14 @@ class Handler(BaseHTTPRequestHandler):
             raise ValueError("code must be 200..599")
         self.respond(code, f"status {code}\n".encode())
 
+    def h_alloc(self, q: dict[str, str]) -> None:
+        mb = int(q.get("mb", "1"))
+        for _ in range(mb):  # touch every page so it counts against the memory limit
+            HELD.append(bytearray(b"\1" * 2**20))
+        self.respond(200, f"holding {len(HELD)} MiB\n".encode())
+
+
+HELD: list[bytearray] = []
 
 ROUTES = {
     ("GET", "/"): Handler.h_root,
@@ -336,6 +345,7 @@ ROUTES = {
     ("GET", "/bytes"): Handler.h_bytes,
     ("GET", "/exit"): Handler.h_exit,
     ("GET", "/status"): Handler.h_status,
+    ("GET", "/alloc"): Handler.h_alloc,
 }
 
 

@@ -1,0 +1,425 @@
+"""Log entries in Cloud Logging's shape, the filter language, bounded SQLite storage and
+live followers.
+
+An entry is stored as the JSON Cloud Logging would show (``timestamp``, ``severity``,
+``logName``, ``resource.labels``, ``labels``, ``textPayload`` or ``jsonPayload``,
+``trace``, ``httpRequest``), in its own SQLite file (WAL) whose used size is capped: the
+oldest entries go first. All SQL runs on one worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import sqlite3
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cloudlet.domain.errors import InvalidError
+
+T = TypeVar("T")
+SEVERITIES = {
+    "DEFAULT": 0,
+    "DEBUG": 100,
+    "INFO": 200,
+    "NOTICE": 300,
+    "WARNING": 400,
+    "ERROR": 500,
+    "CRITICAL": 600,
+    "ALERT": 700,
+    "EMERGENCY": 800,
+}
+STDOUT = "run.googleapis.com/stdout"
+STDERR = "run.googleapis.com/stderr"
+REQUESTS = "run.googleapis.com/requests"
+SYSTEM = "run.googleapis.com/varlog/system"
+TRACE_FIELD = "logging.googleapis.com/trace"
+LABELS_FIELD = "logging.googleapis.com/labels"
+_SPECIAL = {"severity", "message", "time", "timestamp", TRACE_FIELD, LABELS_FIELD}
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def parse_time(value: str) -> float | None:
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+@dataclass
+class LogEntry:
+    """One log entry of one revision's instance (or of the platform about it)."""
+
+    timestamp: float
+    service: str
+    revision: str
+    namespace: str = "default"
+    instance: str = ""
+    severity: str = "DEFAULT"
+    log_name: str = STDOUT
+    message: str | None = None
+    json_payload: dict[str, Any] | None = None
+    trace: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    http_request: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The entry as Cloud Logging shows it."""
+        out: dict[str, Any] = {
+            "timestamp": iso(self.timestamp),
+            "severity": self.severity,
+            "logName": self.log_name,
+            "resource": {
+                "type": "cloud_run_revision",
+                "labels": {
+                    "service_name": self.service,
+                    "revision_name": self.revision,
+                    "namespace": self.namespace,
+                },
+            },
+            "labels": {"instanceId": self.instance, **self.labels},
+        }
+        if self.json_payload is not None:
+            out["jsonPayload"] = self.json_payload
+        else:
+            out["textPayload"] = self.message or ""
+        if self.trace:
+            out["trace"] = self.trace
+        if self.http_request is not None:
+            out["httpRequest"] = self.http_request
+        return out
+
+
+def parse_line(
+    line: str,
+    stream: str,
+    timestamp: float,
+    service: str,
+    revision: str,
+    namespace: str = "default",
+    instance: str = "",
+) -> LogEntry:
+    """An instance's output line: a JSON object uses Cloud Logging's special fields, other
+    text is DEFAULT (stdout) or ERROR (stderr)."""
+    entry = LogEntry(timestamp, service, revision, namespace, instance)
+    entry.log_name = STDERR if stream == "stderr" else STDOUT
+    entry.severity = "ERROR" if stream == "stderr" else "DEFAULT"
+    payload = _json_object(line)
+    if payload is None:
+        entry.message = line
+        return entry
+    severity = str(payload.get("severity", "")).upper()
+    if severity in SEVERITIES:
+        entry.severity = severity
+    when = payload.get("time", payload.get("timestamp"))
+    if isinstance(when, str) and (parsed := parse_time(when)) is not None:
+        entry.timestamp = parsed
+    if isinstance(trace := payload.get(TRACE_FIELD), str):
+        entry.trace = trace
+    if isinstance(labels := payload.get(LABELS_FIELD), dict):
+        entry.labels = {str(k): str(v) for k, v in labels.items()}
+    entry.json_payload = {k: v for k, v in payload.items() if k not in _SPECIAL}
+    if "message" in payload:
+        entry.json_payload["message"] = payload["message"]
+    return entry
+
+
+def _json_object(line: str) -> dict[str, Any] | None:
+    if not line.startswith("{"):
+        return None
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+# -- the filter language (a subset of Cloud Logging's) ----------------------------------------
+
+_TERM = re.compile(r'\s*([A-Za-z_][\w.\-/]*)\s*(>=|<=|!=|=|>|<|:)\s*("(?:[^"\\]|\\.)*"|[^\s"]+)')
+_ALIASES = {
+    "revision": "resource.labels.revision_name",
+    "service": "resource.labels.service_name",
+    "instance": "labels.instanceId",
+    "log_name": "logName",
+}
+Predicate = Callable[[dict[str, Any]], bool]
+
+
+def parse_filter(text: str) -> Predicate:
+    """``severity>=ERROR AND textPayload:"boom" httpRequest.status>=500``: terms joined by
+    AND (or a space), each FIELD OP VALUE with OP one of = != > >= < <= : (contains)."""
+    terms: list[Predicate] = []
+    rest = text.strip()
+    while rest:
+        match = _TERM.match(rest)
+        if match is None:
+            raise InvalidError(
+                f"--log-filter: cannot parse {rest!r}; write terms like "
+                'severity>=ERROR or textPayload:"text" joined by AND',
+                field="--log-filter",
+            )
+        name, op, raw = match.groups()
+        terms.append(_term(_ALIASES.get(name, name), op, _unquote(raw)))
+        rest = re.sub(r"^\s*(AND\s+)?", "", rest[match.end() :])
+    return lambda entry: all(term(entry) for term in terms)
+
+
+def _unquote(raw: str) -> str:
+    return json.loads(raw) if raw.startswith('"') else raw
+
+
+def _term(path: str, op: str, value: str) -> Predicate:
+    if path == "severity":
+        wanted = SEVERITIES.get(value.upper())
+        if wanted is None:
+            raise InvalidError(
+                f"--log-filter: unknown severity {value!r}; use one of {', '.join(SEVERITIES)}",
+                field="--log-filter",
+            )
+        return lambda e: _compare(SEVERITIES.get(e.get("severity", ""), 0), op, wanted)
+    if path in ("message", "text"):
+        return lambda e: _compare(_message(e), op, value)
+    keys = path.split(".")
+    return lambda e: _compare(_lookup(e, keys), op, value)
+
+
+def _message(entry: dict[str, Any]) -> str:
+    if "textPayload" in entry:
+        return str(entry["textPayload"])
+    return str(entry.get("jsonPayload", {}).get("message", ""))
+
+
+def _lookup(entry: Any, keys: list[str]) -> Any:
+    for key in keys:
+        if not isinstance(entry, dict) or key not in entry:
+            return None
+        entry = entry[key]
+    return entry
+
+
+def _compare(actual: Any, op: str, wanted: Any) -> bool:
+    if actual is None:
+        return op == "!="
+    if op == ":":
+        return str(wanted).lower() in str(actual).lower()
+    if isinstance(actual, int | float) and not isinstance(wanted, int | float):
+        try:
+            wanted = float(wanted)
+        except ValueError:
+            return False
+    elif not isinstance(actual, int | float):
+        actual = str(actual)
+    ops: dict[str, Callable[[Any, Any], bool]] = {
+        "=": lambda a, b: a == b,
+        "!=": lambda a, b: a != b,
+        ">": lambda a, b: a > b,
+        ">=": lambda a, b: a >= b,
+        "<": lambda a, b: a < b,
+        "<=": lambda a, b: a <= b,
+    }
+    return ops[op](actual, wanted)
+
+
+# -- storage -------------------------------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  ts REAL NOT NULL,
+  namespace TEXT NOT NULL,
+  service TEXT NOT NULL,
+  severity INTEGER NOT NULL,
+  body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entries_service ON entries (namespace, service, id);
+CREATE TABLE IF NOT EXISTS spans (
+  namespace TEXT NOT NULL, service TEXT NOT NULL, revision TEXT NOT NULL,
+  instance TEXT NOT NULL, start REAL NOT NULL, end REAL NOT NULL,
+  cpu REAL NOT NULL, memory_gib REAL NOT NULL, mode TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS spans_end ON spans (end);
+CREATE TABLE IF NOT EXISTS request_counts (
+  namespace TEXT NOT NULL, service TEXT NOT NULL, revision TEXT NOT NULL,
+  hour INTEGER NOT NULL, count INTEGER NOT NULL,
+  PRIMARY KEY (namespace, service, revision, hour)
+);
+"""
+SCAN_LIMIT = 200_000
+"""Rows a read looks at, at most, to find ``limit`` matches."""
+
+
+class LogStore:
+    """The telemetry database (logs.db): entries under a size cap, billing spans, request
+    counts. Methods block; call them through ``run`` from async code."""
+
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(f"PRAGMA journal_size_limit={max(1 << 20, max_bytes // 4)}")
+        self._db.executescript(_SCHEMA)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloudlet-logs")
+        self.dropped_for_space = 0
+
+    async def run(self, func: Callable[..., T], *args: Any) -> T:
+        """Run a blocking method on the store's one worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._worker, func, *args)
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True)
+        self._db.close()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def write(self, entries: list[dict[str, Any]]) -> None:
+        """Append entries (Cloud Logging JSON), then enforce the size cap."""
+        rows = [
+            (
+                parse_time(e["timestamp"]) or 0.0,
+                e["resource"]["labels"]["namespace"],
+                e["resource"]["labels"]["service_name"],
+                SEVERITIES.get(e["severity"], 0),
+                json.dumps(e, separators=(",", ":")),
+            )
+            for e in entries
+        ]
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO entries (ts, namespace, service, severity, body) VALUES (?,?,?,?,?)",
+                rows,
+            )
+        self.enforce_cap()
+
+    def used_bytes(self) -> int:
+        pages = self._db.execute("PRAGMA page_count").fetchone()[0]
+        free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+        size = self._db.execute("PRAGMA page_size").fetchone()[0]
+        return int((pages - free) * size)
+
+    def enforce_cap(self) -> None:
+        """Drop the oldest entries, a tenth at a time, until the data fits the cap."""
+        for _ in range(50):
+            if self.used_bytes() <= self.max_bytes:
+                return
+            count = self._db.execute("SELECT count(*) FROM entries").fetchone()[0]
+            if count == 0:
+                return
+            drop = max(1, count // 10)
+            with self._tx() as db:
+                db.execute(
+                    "DELETE FROM entries WHERE id IN (SELECT id FROM entries ORDER BY id LIMIT ?)",
+                    (drop,),
+                )
+            self.dropped_for_space += drop
+
+    def read(
+        self,
+        namespace: str,
+        service: str,
+        limit: int,
+        since: float | None = None,
+        predicate: Predicate | None = None,
+    ) -> list[dict[str, Any]]:
+        """Newest first: up to ``limit`` entries of a service at or after ``since``."""
+        sql = "SELECT body FROM entries WHERE namespace=? AND service=? AND ts>=? ORDER BY id DESC"
+        cursor = self._db.execute(sql + " LIMIT ?", (namespace, service, since or 0, SCAN_LIMIT))
+        found: list[dict[str, Any]] = []
+        for (body,) in cursor:
+            entry = json.loads(body)
+            if predicate is None or predicate(entry):
+                found.append(entry)
+                if len(found) >= limit:
+                    break
+        found.sort(key=lambda e: e["timestamp"], reverse=True)
+        return found
+
+    def write_usage(
+        self, spans: list[tuple[Any, ...]], counts: dict[tuple[str, str, str, int], int]
+    ) -> None:
+        """Closed billing spans and per-hour request counts."""
+        with self._tx() as db:
+            db.executemany("INSERT INTO spans VALUES (?,?,?,?,?,?,?,?,?)", spans)
+            db.executemany(
+                "INSERT INTO request_counts VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE "
+                "SET count = count + excluded.count",
+                [(*key, n) for key, n in counts.items()],
+            )
+
+    def usage(
+        self, namespace: str, since: float, service: str | None
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """Spans (service, revision, instance, start, end, cpu, memory_gib, mode) ending at
+        or after ``since``, and request counts (service, revision, count) since then."""
+        where, args = "namespace=? AND {col}>=?", [namespace, since]
+        if service:
+            where += " AND service=?"
+            args.append(service)
+        spans = self._db.execute(
+            "SELECT service, revision, instance, start, end, cpu, memory_gib, mode FROM spans "
+            "WHERE " + where.format(col="end"),
+            args,
+        ).fetchall()
+        args[1] = int(since // 3600)
+        counts = self._db.execute(
+            "SELECT service, revision, sum(count) FROM request_counts WHERE "
+            + where.format(col="hour")
+            + " GROUP BY service, revision",
+            args,
+        ).fetchall()
+        return spans, counts
+
+
+class Followers:
+    """Live tails: each follower gets the entries of its service as they are stored, and
+    ``None`` when the server closes."""
+
+    def __init__(self, queue_size: int = 1000) -> None:
+        self._queue_size = queue_size
+        self._subs: dict[asyncio.Queue[dict[str, Any] | None], tuple[str, str]] = {}
+
+    def subscribe(self, namespace: str, service: str) -> asyncio.Queue[dict[str, Any] | None]:
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(self._queue_size)
+        self._subs[queue] = (namespace, service)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[dict[str, Any] | None]) -> None:
+        self._subs.pop(queue, None)
+
+    def publish(self, entries: list[dict[str, Any]]) -> None:
+        """Hand entries to their followers; a follower too slow to keep up misses some."""
+        if not self._subs:
+            return
+        for entry in entries:
+            labels = entry["resource"]["labels"]
+            key = (labels["namespace"], labels["service_name"])
+            for queue, wanted in self._subs.items():
+                if wanted == key and not queue.full():
+                    queue.put_nowait(entry)
+
+    def close(self) -> None:
+        """End every follow (the server is stopping)."""
+        for queue in list(self._subs):
+            if queue.full():
+                queue.get_nowait()
+            queue.put_nowait(None)
+        self._subs.clear()
