@@ -4,10 +4,17 @@ Runs a minimal uvloop+httptools upstream answering "ok" and the router, each in 
 process, then ``wrk -t1 -c80 -d5s`` against the upstream and against the router. Prints
 requests/s, the ratio to direct, p50/p99 latency and the router's CPU time per request
 (from /proc/PID/stat of the router process). ``--floor`` also measures a bare callback
-proxy with none of the router's features, which shows what this machine allows right now.
-Bounded: about (1 s warm-up + duration) per target.
+proxy with none of the router's features, which shows what this machine allows right now;
+``--baseline SRC`` also measures the router of another source tree (a ``src`` directory,
+e.g. from ``git archive OLD src | tar -x -C /tmp/old``), to compare two versions in one run.
+With ``--rounds N`` the targets take turns N times and the medians are printed. Bounded:
+about (1 s warm-up + duration) per target and round. ``--instructions`` counts instead the
+user-space instructions per request of each proxy process under valgrind's callgrind
+(exactly 1000 and then 6000 requests over the connections, the difference over 5000),
+which unlike time does not depend on what else the machine is doing.
 
     python bench/proxy_local.py [--duration 5] [--connections 80] [--floor]
+        [--baseline /tmp/old/src] [--rounds 1] [--instructions]
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ import argparse
 import asyncio
 import os
 import re
+import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,11 +65,11 @@ def serve_upstream(port: int) -> None:
     uvloop.run(main())
 
 
-def serve_router(port: int, upstream_port: int) -> None:
+def serve_router(port: int, upstream_port: int, src: str = "") -> None:
     """The router with one service, one revision (containerConcurrency 80), one instance."""
     import uvloop
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    sys.path.insert(0, src or str(Path(__file__).resolve().parents[1] / "src"))
     from cloudlet.dataplane import (
         RevisionEndpoint,
         RouterSettings,
@@ -234,21 +243,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--connections", type=int, default=80)
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument(
         "--floor", action="store_true", help="also measure a bare callback proxy, for scale"
     )
+    parser.add_argument("--baseline", help="also measure the router of this src directory")
+    parser.add_argument(
+        "--instructions", action="store_true", help="count instructions per request instead"
+    )
     args = parser.parse_args()
-    up_port, router_port, floor_port = free_port(), free_port(), free_port()
+    if args.instructions:
+        count_instructions(args)
+        return
+    up_port = free_port()
     procs = [spawn("--serve-upstream", str(up_port))]
-    floor = None
+    targets: list[tuple[str, subprocess.Popen[str], int, str | None]] = []
+    results: dict[str, list[dict[str, float]]] = {"direct": []}
     try:
-        procs.append(spawn("--serve-router", str(router_port), str(up_port)))
+        wanted: list[tuple[str, str, str | None, list[str]]] = [
+            ("router", "--serve-router", HOST_HEADER, [])
+        ]
+        if args.baseline:
+            wanted.append(("baseline", "--serve-router", HOST_HEADER, [args.baseline]))
         if args.floor:
-            procs.append(spawn("--serve-floor", str(floor_port), str(up_port)))
-        direct = measure(None, f"http://127.0.0.1:{up_port}/", args, None)
-        routed = measure(procs[1], f"http://127.0.0.1:{router_port}/", args, HOST_HEADER)
-        if args.floor:
-            floor = measure(procs[2], f"http://127.0.0.1:{floor_port}/", args, None)
+            wanted.append(("floor", "--serve-floor", None, []))
+        for name, mode, host, extra in wanted:
+            port = free_port()
+            procs.append(spawn(mode, str(port), str(up_port), *extra))
+            targets.append((name, procs[-1], port, host))
+            results[name] = []
+        for _ in range(args.rounds):
+            results["direct"].append(measure(None, f"http://127.0.0.1:{up_port}/", args, None))
+            for name, proc, port, host in targets:
+                results[name].append(measure(proc, f"http://127.0.0.1:{port}/", args, host))
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -256,18 +283,95 @@ def main() -> None:
         for log in LOGS:
             if log.exists() and log.stat().st_size == 0:
                 log.unlink()
-    print(f"wrk -t1 -c{args.connections} -d{args.duration:g}s, {os.cpu_count()} cores")
-    report("direct", direct, direct)
-    report("router", routed, direct)
-    if floor:
-        report("floor", floor, direct)
+    print(
+        f"wrk -t1 -c{args.connections} -d{args.duration:g}s, {os.cpu_count()} cores, "
+        f"median of {args.rounds} rounds, load average {os.getloadavg()[0]:.1f}"
+    )
+    direct = medians(results["direct"])
+    for name, rows in results.items():
+        report(name, medians(rows), direct)
+
+
+def count_instructions(args: argparse.Namespace) -> None:
+    up_port = free_port()
+    upstream = spawn("--serve-upstream", str(up_port))
+    wanted = [("router", "--serve-router", HOST_HEADER, [])]
+    if args.baseline:
+        wanted.append(("baseline", "--serve-router", HOST_HEADER, [args.baseline]))
+    if args.floor:
+        wanted.append(("floor", "--serve-floor", "x", []))
+    try:
+        for name, mode, host, extra in wanted:
+            low, high = (
+                instructions([mode, str(free_port()), str(up_port), *extra], host, n, args)
+                for n in (1000, 6000)
+            )
+            print(f"{name:>8}: {(high - low) / 5000:8.0f} instructions/request")
+    finally:
+        upstream.terminate()
+        upstream.wait(timeout=10)
+
+
+def instructions(serve: list[str], host: str, count: int, args: argparse.Namespace) -> int:
+    """User-space instructions of a proxy process (``serve``: its arguments) that answered
+    ``count`` requests, start-up and shutdown included."""
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.Popen(
+            [
+                *("valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out"),
+                *(sys.executable, __file__, *serve),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            proc.kill()
+            raise RuntimeError(f"{serve[0]} did not start under valgrind")
+        port = int(serve[1])
+        asyncio.run(fixed_requests(port, host.encode(), count, args.connections))
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=300)[1]
+    found = re.search(r"Collected : (\d+)", err)
+    if found is None:
+        raise RuntimeError(f"no callgrind total for {serve[0]}: {err[-500:]}")
+    return int(found.group(1))
+
+
+async def fixed_requests(port: int, host: bytes, count: int, connections: int) -> None:
+    """Exactly ``count`` GET requests over keep-alive connections, one at a time on each."""
+    left = [count]
+    request = b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
+
+    async def one_connection() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        while left[0] > 0:
+            left[0] -= 1
+            writer.write(request)
+            head = (await reader.readuntil(b"\r\n\r\n")).lower()
+            start = head.index(b"content-length:") + 15
+            await reader.readexactly(int(head[start : head.index(b"\r\n", start)]))
+        writer.close()
+
+    await asyncio.wait_for(asyncio.gather(*(one_connection() for _ in range(connections))), 600)
+
+
+def medians(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's median over the rounds (CPU as a median per request and per second)."""
+    result = {key: statistics.median(row[key] for row in rows) for key in rows[0]}
+    if "cpu" in rows[0]:
+        per_request = statistics.median(row["cpu"] / row["requests"] for row in rows)
+        per_second = statistics.median(row["cpu"] / row["elapsed"] for row in rows)
+        result.update(cpu=per_second, elapsed=1.0, requests=per_second / per_request)
+    return result
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--serve-upstream":
         serve_upstream(int(sys.argv[2]))
     elif len(sys.argv) > 3 and sys.argv[1] == "--serve-router":
-        serve_router(int(sys.argv[2]), int(sys.argv[3]))
+        serve_router(int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:5])
     elif len(sys.argv) > 3 and sys.argv[1] == "--serve-floor":
         serve_floor(int(sys.argv[2]), int(sys.argv[3]))
     else:

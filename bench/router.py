@@ -35,11 +35,20 @@ CONCURRENCY = 80
 
 def build_image() -> None:
     with tempfile.TemporaryDirectory() as ctx:
-        subprocess.run(["gcc", "-O2", "-static", "-D_GNU_SOURCE", "-o", f"{ctx}/tinyhttp",
-                        str(REPO / "bench/tinyhttp/tinyhttp.c")], check=True)
+        subprocess.run(
+            [
+                "gcc",
+                "-O2",
+                "-static",
+                "-D_GNU_SOURCE",
+                "-o",
+                f"{ctx}/tinyhttp",
+                str(REPO / "bench/tinyhttp/tinyhttp.c"),
+            ],
+            check=True,
+        )
         shutil.copy(REPO / "bench/tinyhttp/Dockerfile", ctx)
-        subprocess.run(["docker", "build", "-q", "-t", IMAGE, ctx], check=True,
-                       capture_output=True)
+        subprocess.run(["docker", "build", "-q", "-t", IMAGE, ctx], check=True, capture_output=True)
 
 
 def free_port() -> int:
@@ -60,8 +69,13 @@ def wrk(url: str, seconds: int, host: str | None = None) -> dict[str, float]:
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    return {"rps": rps, "requests": total, "p50": _latency(out, "50%"),
-            "p99": _latency(out, "99%"), "errors": _errors(out)}
+    return {
+        "rps": rps,
+        "requests": total,
+        "p50": _latency(out, "50%"),
+        "p99": _latency(out, "99%"),
+        "errors": _errors(out),
+    }
 
 
 def _errors(out: str) -> int:
@@ -71,8 +85,6 @@ def _errors(out: str) -> int:
         if "Non-2xx" in line or "Socket errors" in line:
             errors += sum(int(n) for n in re.findall(r"(\d+)", line.split(":", 1)[1]))
     return errors
-
-
 
 
 def _latency(out: str, label: str) -> float:
@@ -105,8 +117,9 @@ frontend fe
 backend be
     server s1 {backend} maxconn {CONCURRENCY}
 """)
-    proc = subprocess.Popen(["haproxy", "-db", "-f", str(config)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        ["haproxy", "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 10
     while True:
         with socket.socket() as sock:
@@ -125,8 +138,23 @@ def container_ip(server: CloudletServer, service: str) -> str:
 
 
 def throughput(server: CloudletServer, seconds: int, rounds: int, workdir: Path) -> None:
-    server.cli("run", "deploy", "tiny", "--image", IMAGE, "--allow-unauthenticated",
-               "--concurrency", str(CONCURRENCY), "--max-instances", "1", "--min-instances", "1")
+    server.cli(
+        "run",
+        "deploy",
+        "tiny",
+        "--image",
+        IMAGE,
+        "--allow-unauthenticated",
+        "--concurrency",
+        str(CONCURRENCY),
+        "--max-instances",
+        "1",
+        "--min-instances",
+        "1",
+        # direct dialling bypasses the router, which would leave the instance
+        # throttled as idle: CPU always allocated keeps the baseline fair
+        "--no-cpu-throttling",
+    )
     ip = container_ip(server, "tiny")
     hport = free_port()
     proxy = haproxy(f"{ip}:8080", hport, workdir)
@@ -138,8 +166,14 @@ def throughput(server: CloudletServer, seconds: int, rounds: int, workdir: Path)
         for _ in range(rounds):
             results["direct"].append(measured(f"http://{ip}:8080/", seconds, None))
             results["haproxy"].append(measured(f"http://127.0.0.1:{hport}/", seconds, proxy.pid))
-            results["router"].append(measured(f"http://127.0.0.1:{server.router_port}/",
-                                              seconds, server.proc.pid, "tiny.localhost"))
+            results["router"].append(
+                measured(
+                    f"http://127.0.0.1:{server.router_port}/",
+                    seconds,
+                    server.proc.pid,
+                    "tiny.localhost",
+                )
+            )
     finally:
         proxy.terminate()
     report(results)
@@ -148,14 +182,19 @@ def throughput(server: CloudletServer, seconds: int, rounds: int, workdir: Path)
 def report(results: dict[str, list[dict[str, float]]]) -> None:
     base = statistics.median(r["rps"] for r in results["direct"])
     print(f"\nwrk -t1 -c{CONCURRENCY}, tiny handler, median of {len(results['direct'])} rounds")
-    print(f"{'path':<10}{'rps':>10}{'ratio':>8}{'p50 ms':>9}{'p99 ms':>9}{'cpu us/req':>12}{'errors':>8}")
+    print(
+        f"{'path':<10}{'rps':>10}{'ratio':>8}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'cpu us/req':>12}{'errors':>8}"
+    )
     for name, rows in results.items():
         rps = statistics.median(r["rps"] for r in rows)
         cpu = statistics.median(r.get("cpu_us", 0.0) for r in rows)
-        print(f"{name:<10}{rps:>10.0f}{rps / base:>8.2f}"
-              f"{statistics.median(r['p50'] for r in rows):>9.2f}"
-              f"{statistics.median(r['p99'] for r in rows):>9.2f}"
-              f"{(f'{cpu:.1f}' if cpu else '-'):>12}{sum(r['errors'] for r in rows):>8.0f}")
+        print(
+            f"{name:<10}{rps:>10.0f}{rps / base:>8.2f}"
+            f"{statistics.median(r['p50'] for r in rows):>9.2f}"
+            f"{statistics.median(r['p99'] for r in rows):>9.2f}"
+            f"{(f'{cpu:.1f}' if cpu else '-'):>12}{sum(r['errors'] for r in rows):>8.0f}"
+        )
 
 
 async def own_start_times(count: int) -> list[float]:
@@ -205,8 +244,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         (workdir / "home").mkdir()
-        server = CloudletServer(workdir / "home", ["--stable-window", "6s",
-                                                   "--scale-to-zero-grace", "1s"])
+        server = CloudletServer(
+            workdir / "home", ["--stable-window", "6s", "--scale-to-zero-grace", "1s"]
+        )
         server.start()
         try:
             throughput(server, args.seconds, args.rounds, workdir)
@@ -215,10 +255,12 @@ def main() -> None:
         finally:
             server.stop()
             server.remove_containers()
-    print(f"\ncold start, median of {args.cold}: request at zero -> response "
-          f"{statistics.median(cold) * 1000:.0f} ms; container's own create+start-to-listening "
-          f"{statistics.median(own) * 1000:.0f} ms; difference "
-          f"{(statistics.median(cold) - statistics.median(own)) * 1000:.0f} ms")
+    print(
+        f"\ncold start, median of {args.cold}: request at zero -> response "
+        f"{statistics.median(cold) * 1000:.0f} ms; container's own create+start-to-listening "
+        f"{statistics.median(own) * 1000:.0f} ms; difference "
+        f"{(statistics.median(cold) - statistics.median(own)) * 1000:.0f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -208,3 +208,21 @@ def test_the_cli_says_how_to_start_a_server_when_none_runs(tmp_path) -> None:  #
     )
     assert done.returncode == 1
     assert "cloudlet server" in done.stderr
+
+
+def test_a_revision_keeps_its_image_when_the_tag_moves(server: CloudletServer,
+                                                       testapp_image: str) -> None:
+    from tests.images import REPO, ensure_image
+
+    other = ensure_image("hello:latest", REPO / "examples" / "hello")
+    subprocess.run(["docker", "tag", testapp_image, "cloudlet-retag-test:v1"], check=True)
+    try:
+        deploy(server, "pinned", "cloudlet-retag-test:v1")
+        first = server.request("pinned").text
+        assert first.startswith("hello from pinned-00001-")
+        subprocess.run(["docker", "tag", other, "cloudlet-retag-test:v1"], check=True)
+        wait_for(lambda: not server.containers("pinned"), 60, "scale to zero")
+        assert server.request("pinned").text == first
+    finally:
+        subprocess.run(["docker", "rmi", "cloudlet-retag-test:v1"], capture_output=True,
+                       check=False)

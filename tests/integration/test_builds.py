@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from cloudlet.builder.progress import BuildProgress, cap_log
-from cloudlet.controlplane.builds import BUILD, BuildService
+from cloudlet.controlplane.builds import BUILD, SPOOL_IN_MEMORY, BuildService
 from cloudlet.domain.errors import InvalidError
 from cloudlet.runtimes.base import EngineUnavailable, RuntimeFailure
 from cloudlet.store import Store
@@ -407,6 +407,9 @@ def test_deploy_source_with_a_dockerfile_builds_that_dockerfile(
     output = deploy_source(server, "static-site", source)
     assert "Using the folder's Dockerfile" in output
     assert server.request("static-site", "/index.html").text == "<h1>busybox httpd</h1>\n"
+    server.cli("run", "services", "delete", "static-site", "--quiet")
+    for container in server.containers("static-site"):  # the engine keeps images in use
+        subprocess.run(["docker", "rm", "-f", container], capture_output=True, check=False)
     remove_images(build_of(server, "cloudlet.local/default/static-site")["images"][0])
 
 
@@ -499,6 +502,20 @@ def test_files_listed_in_dockerignore_are_not_in_the_image(
     files = image_files("cloudlet-test/dockerignore", "/ctx")
     assert files == {"Dockerfile", ".dockerignore", "app.txt", "keep.tmp"}
     remove_images("cloudlet-test/dockerignore")
+
+
+def test_a_context_larger_than_the_in_memory_spool_uploads_whole(
+    server: CloudletServer, tmp_path: Path
+) -> None:
+    size = SPOOL_IN_MEMORY + (4 << 20)  # spills to a temporary file in the server
+    source = folder(
+        tmp_path / "big",
+        {"Dockerfile": "FROM busybox:latest\nCOPY big.bin /\nRUN wc -c /big.bin\n"},
+    )
+    (source / "big.bin").write_bytes(bytes(range(256)) * (size // 256))
+    done = server.cli("builds", "submit", "--no-cache", "--tag", "cloudlet-test/big", str(source))
+    assert f"{size} /big.bin" in done.stderr
+    remove_images("cloudlet-test/big")
 
 
 def test_gcloudignore_with_an_included_gitignore_is_honoured(

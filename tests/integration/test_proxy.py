@@ -23,7 +23,12 @@ from cloudlet.dataplane import (
     ServiceRoute,
     start_router,
 )
-from cloudlet.dataplane.wire import forwarded_for, forwarded_host, trace_context
+from cloudlet.dataplane.wire import (
+    forwarded_for,
+    forwarded_host,
+    trace_context,
+    whole_response,
+)
 from tests.integration.dataplane_helpers import (
     DOMAIN,
     Env,
@@ -845,6 +850,27 @@ def test_trace_context_keeps_valid_ids_and_replaces_invalid_ones() -> None:
         assert header_value != invalid
         assert re.fullmatch(rb"00-[0-9a-f]{32}-[0-9a-f]{16}-01", header_value)
         assert cloud.startswith(trace_id + b"/")
+
+
+def test_only_one_whole_plain_response_passes_byte_for_byte() -> None:
+    ok = b"HTTP/1.1 200 Fine\r\nContent-Length: 3\r\nContent-Type: text/plain\r\n\r\nok\n"
+    assert whole_response(ok) == 3 << 10 | 200
+    assert whole_response(ok.replace(b"200 Fine", b"404 Gone")) == 3 << 10 | 404
+    for refused in (
+        ok + b"HTTP",  # more than one response
+        ok[:-1],  # not all of the body
+        ok.replace(b"Content-Type: text/plain", b"Connection: close"),
+        ok.replace(b"Content-Type: text/plain", b"Keep-Alive: timeout=5"),
+        ok.replace(b"Content-Type: text/plain", b"Content-Length: 3"),
+        ok.replace(b"Content-Length: 3", b"Transfer-Encoding: chunked"),
+        ok.replace(b"Content-Length: 3", b"Content-Length: x"),
+        ok.replace(b"\r\nContent-Type", b"\nContent-Type"),
+        ok.replace(b"\r\nContent-Type: text/plain", b"\r\n folded"),
+        ok.replace(b"200 Fine", b"204 No Content"),
+        ok.replace(b"HTTP/1.1", b"HTTP/1.0"),
+        b"HTTP/1.1 100 Continue\r\n\r\n",
+    ):
+        assert whole_response(refused) == -1, refused
 
 
 # -- helpers ---------------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
+import subprocess
 import time
 from typing import Any
 
@@ -13,7 +15,7 @@ import yaml
 
 from cloudlet.security import keys
 from cloudlet.security.tokens import mint
-from tests.conftest import CloudletServer
+from tests.conftest import FAST_SCALING, CloudletServer
 
 pytestmark = pytest.mark.docker
 
@@ -192,3 +194,48 @@ def test_an_internal_service_answers_callers_on_this_machine(
     assert server.request("inside", "/").status_code == 200
     described = server.cli("run", "services", "describe", "inside", "--format", "yaml").stdout
     assert "run.googleapis.com/ingress: internal" in described
+
+
+def _docker_json(*args: str) -> Any:
+    done = subprocess.run(["docker", *args], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def _address_outside_the_cloudlet_network() -> str:
+    """An address of this machine that is neither loopback nor on the cloudlet network
+    (docker0's, say): a caller from there is an outsider."""
+    subnet = _docker_json("network", "inspect", "cloudlet")[0]["IPAM"]["Config"][0]["Subnet"]
+    listed = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
+    for address in re.findall(r"inet (\d+\.\d+\.\d+\.\d+)/", listed):
+        ip = ipaddress.ip_address(address)
+        if not ip.is_loopback and ip not in ipaddress.ip_network(subnet):
+            return address
+    raise AssertionError(f"this machine has no address outside loopback and {subnet}")
+
+
+def test_an_internal_service_refuses_outsiders_and_answers_other_instances(
+    make_server: Any, testapp_image: str
+) -> None:
+    srv = make_server(["--host", "0.0.0.0", *FAST_SCALING])
+    srv.start()
+    outside = _address_outside_the_cloudlet_network()
+    common = ["--image", testapp_image, "--allow-unauthenticated"]
+    srv.cli("run", "deploy", "inner", *common, "--ingress", "internal")
+    srv.cli("run", "deploy", "caller", *common, "--min-instances", "1")
+    host = {"Host": f"inner.localhost:{srv.router_port}"}
+    assert httpx.get(f"http://127.0.0.1:{srv.router_port}/", headers=host).status_code == 200
+    refused = httpx.get(f"http://{outside}:{srv.router_port}/", headers=host)
+    assert refused.status_code == 404
+    gateway = _docker_json("network", "inspect", "cloudlet")[0]["IPAM"]["Config"][0]["Gateway"]
+    fetch = (
+        "import urllib.request as u;"
+        f"r=u.Request('http://{gateway}:{srv.router_port}/',headers={host!r});"
+        "print(u.urlopen(r).status)"
+    )
+    done = subprocess.run(
+        ["docker", "exec", srv.containers("caller")[0], "python3", "-c", fetch],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout.strip() == "200", (done.returncode, done.stderr, done.stdout)

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from cloudlet import settings
 from cloudlet.dataplane.routing import RequestRecord
 from cloudlet.domain.errors import InvalidError
 from cloudlet.telemetry.collector import Telemetry
@@ -212,3 +213,17 @@ def test_metrics_show_requests_latency_and_the_recent_summary() -> None:
 
 def test_percentile_of_nothing_is_none() -> None:
     assert percentile([], 0.5) is None
+
+
+def test_the_log_cap_comes_from_a_flag_or_the_environment() -> None:
+    assert settings.load({}, log_retention_bytes="512Mi").log_retention_bytes == 512 * 2**20
+    env = {"CLOUDLET_LOG_RETENTION_BYTES": "1Gi"}
+    assert settings.load(env).log_retention_bytes == 2**30
+    assert settings.load({}).log_retention_bytes == 256 * 2**20
+
+
+@pytest.mark.parametrize(("value", "says"), [("10", "too small"), ("lots", "memory quantity")])
+def test_a_bad_log_cap_is_refused_naming_the_flag(value: str, says: str) -> None:
+    with pytest.raises(InvalidError, match=says) as caught:
+        settings.load({}, log_retention_bytes=value)
+    assert "--log-retention-bytes" in caught.value.message

@@ -12,7 +12,7 @@ import pytest
 from cloudlet.autoscaler.reconciler import Reconciler
 from cloudlet.autoscaler.throttle import IdleThrottler, compose_hooks
 from cloudlet.dataplane.activator import Backend, Ticket
-from cloudlet.domain.autoscale import ScalingPolicy
+from cloudlet.domain.autoscale import ScalingPolicy, starts_allowed
 from cloudlet.domain.probes import ProbeSettings
 from cloudlet.domain.revision import RevisionConfig
 from cloudlet.runtimes.base import InstanceSpec
@@ -182,6 +182,9 @@ class Lost(Ticket):
     def on_backend_lost(self, reason: str) -> None:
         self.lost.append(reason)
 
+    def on_refused(self, status: int, message: str) -> None:
+        self.lost.append(f"{status} {message}")
+
 
 async def until(condition: Callable[[], bool]) -> None:
     for _ in range(500):
@@ -263,3 +266,86 @@ async def test_a_crashed_instance_fails_its_requests_and_is_replaced(
     await until(lambda: len(endpoint.backends) == 1 and first not in endpoint.backends)
     assert [c for c in runtime.calls if c[0] == "start"] == [("start", REVISION)] * 2
     await scaler.close()
+
+
+async def test_a_queued_backlog_starts_instances_at_once_two_at_a_time_from_zero() -> None:
+    runtime = FakeRuntime()
+    runtime.start_gate = asyncio.Event()  # starts hang: the instances stay "starting"
+    scaler = reconciler(runtime)
+    endpoint = scaler.upsert("default", "svc", REVISION, config(1, max_scale=3), "True")
+    for _ in range(15):  # 15 waiting at 7 per instance (10 x 0.7) want 3; 2 may start
+        endpoint.submit(Lost())
+    await until(lambda: len([c for c in runtime.calls if c[0] == "start"]) == 2)
+    for _ in range(100):
+        endpoint.submit(Lost())
+    await asyncio.sleep(0.05)
+    assert len([c for c in runtime.calls if c[0] == "start"]) == 2
+    await scaler.close()
+
+
+async def test_an_instance_that_becomes_ready_with_a_backlog_is_never_throttled(
+    listener: tuple[int, list[bytes]],
+) -> None:
+    port, _ = listener
+    runtime = FakeRuntime(("127.0.0.1", port))
+    runtime.start_gate = asyncio.Event()
+    scaler = reconciler(runtime)
+    endpoint = scaler.upsert("default", "svc", REVISION, config(port, max_scale=1), "True")
+    waiting = [Lost() for _ in range(3)]
+    for ticket in waiting:
+        endpoint.submit(ticket)
+    runtime.start_gate.set()
+    await until(lambda: endpoint.in_flight == 3)
+    await asyncio.sleep(0.05)  # five times the throttle delay
+    (instance,) = runtime.instances.values()
+    assert not instance.throttled
+    for ticket in waiting:
+        endpoint.finish(ticket)
+    await until(lambda: instance.throttled)
+    await scaler.close()
+
+
+@pytest.mark.parametrize(
+    ("ready", "starting", "allowed"),
+    [(0, 0, 2), (0, 2, 0), (1, 0, 2), (3, 0, 6), (3, 4, 2), (10, 25, 0)],
+)
+def test_cold_starts_double_per_round(ready: int, starting: int, allowed: int) -> None:
+    assert starts_allowed(ready, starting) == allowed
+
+
+async def test_a_backlog_left_when_an_instance_is_ready_starts_the_next_round(
+    listener: tuple[int, list[bytes]],
+) -> None:
+    port, _ = listener
+    runtime = FakeRuntime(("127.0.0.1", port))
+    scaler = reconciler(runtime)
+    endpoint = scaler.upsert("default", "svc", REVISION, config(port, max_scale=5), "True")
+    for _ in range(100):
+        endpoint.submit(Lost())
+    await until(lambda: len(endpoint.backends) == 5)
+    await scaler.close()
+
+
+async def test_a_revisions_knative_annotations_set_its_scaling_policy() -> None:
+    annotations = (
+        ("autoscaling.knative.dev/initial-scale", "0"),
+        ("autoscaling.knative.dev/max-scale-down-rate", "4"),
+        ("autoscaling.knative.dev/max-scale-up-rate", "10"),
+        ("autoscaling.knative.dev/panic-threshold-percentage", "150"),
+        ("autoscaling.knative.dev/panic-window-percentage", "20"),
+        ("autoscaling.knative.dev/scale-down-delay", "30s"),
+        ("autoscaling.knative.dev/target", "30"),
+        ("autoscaling.knative.dev/target-utilization-percentage", "50"),
+        ("autoscaling.knative.dev/window", "90s"),
+    )
+    scaler = reconciler(FakeRuntime())
+    scaler.upsert("default", "svc", REVISION, config(1, annotations=annotations), "True")
+    policy = scaler.revisions()[0].scaler.policy
+    assert (policy.initial_scale, policy.max_scale_down_rate, policy.max_scale_up_rate) == (
+        0,
+        4.0,
+        10.0,
+    )
+    assert (policy.panic_threshold_percentage, policy.panic_window_percentage) == (150.0, 20.0)
+    assert (policy.scale_down_delay, policy.target, policy.target_utilization) == (30.0, 30.0, 0.5)
+    assert policy.stable_window == 90.0

@@ -81,7 +81,7 @@ def test_bad_names_duplicates_and_missing_versions_are_user_errors(vault: Secret
         vault.value("default", "s", "latest")
     with pytest.raises(NotFoundError):
         vault.add_version("default", "missing", b"x")
-    with pytest.raises(InvalidError, match="payload.data"):
+    with pytest.raises(InvalidError, match=r"payload\.data"):
         vault.add_version("default", "s", b"x" * (64 * 1024 + 1))
 
 

@@ -31,6 +31,7 @@ from cloudlet.domain.autoscale import (
     initial_instances,
     instances_for_backlog,
     policy_from_annotations,
+    starts_allowed,
 )
 from cloudlet.domain.probes import ProbeSettings, default_startup_probe
 from cloudlet.domain.revision import RevisionConfig
@@ -96,6 +97,9 @@ class RevisionRun:
     starting: int = 0
     failures: int = 0
     next_start: float = 0.0
+    image_id: str | None = None
+    """The image's immutable id, resolved when the revision was created; instances start
+    from it, so retagging the image later does not change what an old revision runs."""
 
     def ready(self) -> list[Instance]:
         return [i for i in self.instances.values() if i.state == "ready"]
@@ -106,7 +110,7 @@ class RevisionRun:
             service=self.service,
             revision=self.name,
             configuration=self.service,
-            image=c.image,
+            image=self.image_id or c.image,
             port=c.port,
             command=c.command,
             args=c.args,
@@ -158,11 +162,18 @@ class Reconciler:
         return list(self._revisions.values())
 
     def upsert(
-        self, namespace: str, service: str, name: str, config: RevisionConfig, status: str
+        self,
+        namespace: str,
+        service: str,
+        name: str,
+        config: RevisionConfig,
+        status: str,
+        image_id: str | None = None,
     ) -> RevisionEndpoint:
         """Know about a revision (idempotent); a new deploying one gets its first instance."""
         run = self._revisions.get(name)
         if run is not None:
+            run.image_id = run.image_id or image_id
             if status != "Unknown" or run.status != "Unknown":
                 run.status = status if run.status != "False" else run.status
             return run.endpoint
@@ -182,6 +193,7 @@ class Reconciler:
         run = RevisionRun(
             namespace, service, name, config, endpoint, Scaler(policy, self._clock()), status
         )
+        run.image_id = image_id
         self._revisions[name] = run
         if self._observer is not None:
             self._observer.revision_added(run)
@@ -225,6 +237,7 @@ class Reconciler:
                 run, "ContainerMissing" if error.user_fault else "RuntimeFailure", error.message
             )
             return
+        run.image_id = digest
         count = max(1, initial_instances(run.scaler.policy))
         results = await asyncio.gather(*(self._start(run) for _ in range(count)))
         if run.status == "Unknown" and any(results):
@@ -287,11 +300,15 @@ class Reconciler:
             return False
         instance.state = "ready"
         run.failures = 0
-        run.endpoint.add_backend(instance.info.id, instance.info.host, instance.info.port)
+        # watched before it is added: queued requests dispatched by add_backend then cancel
+        # the idle timer through the busy hook, so a busy instance is never throttled
         if run.config.cpu_throttling:  # sets the normal CPU now, which ends a boost
             self.throttler.watch(instance.info.id, run.config.cpu_millis)
         elif run.config.cpu_boost:  # created with double CPU: back to the limit once ready
             self._spawn(self._runtime.unthrottle(instance.info.id, run.config.cpu_millis))
+        run.endpoint.add_backend(instance.info.id, instance.info.host, instance.info.port)
+        if run.endpoint.queued:  # a backlog left: the next round of starts may begin
+            self._on_demand(run.endpoint)
         if run.config.liveness_probe is not None:
             instance.liveness = self._spawn(self._watch_liveness(run, instance))
         log.info("instance %s of %s ready", instance.info.id[:12], run.name)
@@ -308,10 +325,11 @@ class Reconciler:
             return
         policy = run.scaler.policy
         wanted = instances_for_backlog(policy, endpoint.in_flight, endpoint.queued)
-        coming = len(run.ready()) + run.starting
+        ready = len(run.ready())
+        coming = ready + run.starting
         draining = sum(1 for i in run.instances.values() if i.state == "draining")
         room = (policy.max_scale or 10**6) - coming - draining
-        for _ in range(min(wanted - coming, room)):
+        for _ in range(min(wanted - coming, room, starts_allowed(ready, run.starting))):
             self._launch(run)
 
     # -- stopping instances ---------------------------------------------------------------
@@ -372,9 +390,7 @@ class Reconciler:
         log.info("stopping instance %s of %s: %s", instance.info.id[:12], run.name, why)
         await self._stop(instance.info.id, run, why)
 
-    async def _stop(
-        self, instance_id: str, run: RevisionRun | None = None, why: str = ""
-    ) -> None:
+    async def _stop(self, instance_id: str, run: RevisionRun | None = None, why: str = "") -> None:
         if run is not None and self._observer is not None:
             self._observer.instance_stopping(run, instance_id, why)
         try:
@@ -426,7 +442,7 @@ class Reconciler:
             log.info("%s: %d -> %d (%s)", run.name, current, desired, decision.reason)
             if self._observer is not None:
                 self._observer.scaled(run, current, desired, decision.reason)
-            for _ in range(desired - current):
+            for _ in range(min(desired - current, starts_allowed(len(ready), run.starting))):
                 self._launch(run)
         elif desired < len(ready) and run.starting == 0:
             log.info("%s: %d -> %d (%s)", run.name, len(ready), desired, decision.reason)
@@ -473,6 +489,7 @@ class Reconciler:
 
     async def close(self) -> None:
         """Stop background work; instances keep running for adoption by the next start."""
+        self.throttler.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

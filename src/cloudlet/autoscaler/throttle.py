@@ -70,6 +70,11 @@ class IdleThrottler:
         if timer is not None:
             timer.cancel()
 
+    def close(self) -> None:
+        """Cancel every pending throttle (server shutdown; instances keep their CPU)."""
+        for instance_id in list(self._cpu):
+            self.forget(instance_id)
+
     def busy(self, instance_id: str) -> None:
         """A request is about to be forwarded: full CPU first (a ~13 µs cgroup write)."""
         timer = self._timers.pop(instance_id, None)

@@ -93,11 +93,12 @@ def _money(value: float | None) -> str:
 
 def _table(body: dict[str, Any]) -> None:
     render.out.print(f"Usage from {body['since']} to {body['until']}")
+    render.out.print("MAX = --max-instances; MAX $/H = the hourly cost ceiling it implies.")
     rows = [
         [
             row["service"],
             row["revision"],
-            row["mode"] + "-based",
+            row["mode"],
             f"{row['vcpu_seconds']:.1f}",
             f"{row['gib_seconds']:.1f}",
             str(row["requests"]),
@@ -109,17 +110,7 @@ def _table(body: dict[str, Any]) -> None:
     ]
     rows[-1][:3] = ["TOTAL", "", ""]
     render.table(
-        [
-            "SERVICE",
-            "REVISION",
-            "BILLING",
-            "VCPU-S",
-            "GIB-S",
-            "REQUESTS",
-            "COST",
-            "MAX INSTANCES",
-            "CEILING/HOUR",
-        ],
+        ["SERVICE", "REVISION", "BILLING", "VCPU-S", "GIB-S", "REQS", "COST", "MAX", "MAX $/H"],
         rows,
     )
     free = body["free_tier"]

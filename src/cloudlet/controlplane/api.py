@@ -15,7 +15,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cloudlet.controlplane import kubectl
 from cloudlet.controlplane.builds import BuildService, add_build_routes
@@ -27,11 +29,11 @@ from cloudlet.controlplane.gcloud import (
     normalize_service,
     stamp_region,
 )
-from cloudlet.controlplane.security_api import SecurityParts, add_security_routes
+from cloudlet.controlplane.security_api import SecurityParts, add_security_routes, json_body
 from cloudlet.controlplane.services import ServiceManager
 from cloudlet.controlplane.telemetry_api import add_telemetry_routes
 from cloudlet.domain.errors import CloudletError, InvalidError, NotFoundError, UnauthorizedError
-from cloudlet.domain.models import API_VERSION
+from cloudlet.domain.models import API_VERSION, Service
 from cloudlet.telemetry.collector import Telemetry
 
 ALL_NAMESPACES = "/apis/serving.knative.dev/v1"
@@ -153,6 +155,8 @@ def build_api(
             return _error_response(error)
 
     app.add_exception_handler(CloudletError, _handle)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _bad_parameter)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     _routes_services(app, services)
     _routes_revisions(app, services)
     _routes_derived(app, services)
@@ -183,6 +187,21 @@ def build_api(
 
 
 async def _handle(_: Request, error: CloudletError) -> JSONResponse:
+    return _error_response(error)
+
+
+async def _bad_parameter(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's own parameter checks answer in the same Status shape, naming the field."""
+    first = exc.errors()[0] if exc.errors() else {}
+    field = ".".join(str(part) for part in first.get("loc", ())[1:]) or "request"
+    return _error_response(InvalidError(f"{field}: {first.get('msg', 'invalid')}", field=field))
+
+
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own refusals (405 for an unsupported method) as Status bodies too."""
+    error = CloudletError(f"{exc.detail}")
+    error.status, error.user_fault = exc.status_code, exc.status_code < 500
+    error.reason = str(exc.detail).replace(" ", "")
     return _error_response(error)
 
 
@@ -217,7 +236,7 @@ def _routes_services(app: FastAPI, services: ServiceManager) -> None:
         await admit(request, body, services.get_service(namespace, name))
         return services.replace_service(namespace, name, body, _dry_run(request))
 
-    @app.post(KNATIVE + "/services", status_code=201)
+    @app.post(KNATIVE + "/services", status_code=201, openapi_extra=json_body(Service))
     async def create_service(namespace: str, request: Request) -> dict[str, Any]:
         return await create(namespace, await _json_body(request), request)
 
@@ -225,7 +244,7 @@ def _routes_services(app: FastAPI, services: ServiceManager) -> None:
     async def get_service(namespace: str, name: str, request: Request) -> dict[str, Any]:
         return _one("Service", services.get_service(namespace, name), request)
 
-    @app.put(KNATIVE + "/services/{name}")
+    @app.put(KNATIVE + "/services/{name}", openapi_extra=json_body(Service))
     async def replace_service(namespace: str, name: str, request: Request) -> dict[str, Any]:
         return await replace(namespace, name, await _json_body(request), request)
 

@@ -70,6 +70,7 @@ class Controller:
             record.name,
             revision_config(template),
             st.revision_ready(record.body),
+            image_id=record.body.get("status", {}).get("imageDigest"),
         )
 
     def _route(

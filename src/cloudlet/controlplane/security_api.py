@@ -20,6 +20,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI, Request
+from pydantic import BaseModel
 
 from cloudlet.domain.errors import InvalidError
 from cloudlet.security.secrets import SecretVault, validate_secret_name
@@ -122,3 +123,23 @@ def _secret_routes(app: FastAPI, vault: SecretVault) -> None:
     async def delete_secret(project: str, name: str) -> dict[str, Any]:
         vault.delete(project, validate_secret_name(name, "secret"))
         return {}
+
+
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` declaring a route's raw JSON body as ``model`` (its $refs inlined),
+    so the spec describes what the route reads and API fuzzers have something to generate."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    content = {"application/json": {"schema": inline(schema)}}
+    return {"requestBody": {"required": True, "content": content}}

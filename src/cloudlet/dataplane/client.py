@@ -26,10 +26,8 @@ from cloudlet.dataplane.wire import (
     CONTENT_LENGTH,
     CRLF,
     FORWARDED,
-    FRESH_TRACE,
     HOST,
     SEEN_NAMES,
-    SPAN_MASK,
     TRANSFER_ENCODING,
     USER_AGENT,
     X_FORWARDED_FOR,
@@ -37,6 +35,7 @@ from cloudlet.dataplane.wire import (
     forwarded_for,
     forwarded_host,
     header_class,
+    random_ids,
 )
 
 if TYPE_CHECKING:
@@ -55,10 +54,18 @@ _LISTS = frozenset({X_FORWARDED_FOR, FORWARDED, CONNECTION, TRANSFER_ENCODING})
 _SINGLE = frozenset({CONTENT_LENGTH, HOST})
 """Headers that must not repeat."""
 _HEAD_FRESH_TRACE = (
-    b"%s %s HTTP/1.1\r\nHost: %s\r\n%sX-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\n"
-    b"X-Forwarded-Host: %s\r\nForwarded: %s\r\n" + FRESH_TRACE + b"\r\n"
+    b"%s %s HTTP/1.1\r\nHost: %s\r\n%s%straceparent: 00-%s-%s-01\r\n"
+    b"X-Cloud-Trace-Context: %s/%d;o=1\r\n\r\n"
 )
-"""The request head of the common case: no body, new trace ids."""
+"""The request head of the common case: no body, new trace ids (hex, and the span id as a
+number for Cloud Trace); the fifth field holds the forwarding headers."""
+_TRACE_POOL = 64 * 48
+"""Hex digits of random ids drawn at a time: a trace id (32) and a span id (16) each."""
+_ZERO_TRACE = b"0" * 32
+_ZERO_SPAN = b"0" * 16
+_FORWARDING = (
+    b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\nForwarded: %s\r\n"
+)
 
 
 def _nowhere(data: object) -> None:
@@ -79,6 +86,7 @@ class RouterProtocol(asyncio.Protocol):
         "_closed",
         "_eof",
         "_fail",
+        "_fwd_block",
         "_fwd_element",
         "_fwd_host",
         "_host",
@@ -94,6 +102,8 @@ class RouterProtocol(asyncio.Protocol):
         "_reading_head",
         "_seq",
         "_special",
+        "_traces",
+        "_traces_at",
         "_ua",
         "_url",
         "closing",
@@ -124,6 +134,9 @@ class RouterProtocol(asyncio.Protocol):
         self.ip_bytes = b""
         self._fwd_host = b""
         self._fwd_element = b""
+        self._fwd_block = b""
+        self._traces = b""
+        self._traces_at = 0
         self._active: Exchange | None = None
         self._pending: deque[Exchange] = deque()
         self._parsing: Exchange | None = None
@@ -281,7 +294,9 @@ class RouterProtocol(asyncio.Protocol):
         method = parser.get_method()
         keep_alive = parser.should_keep_alive()
         table = self.table
-        entry = table.lookup(host) if host is not None else None
+        entry = table.cache.get(host) if host is not None else None  # lookup's cache
+        if entry is None and host is not None:
+            entry = table.lookup(host)
         if (
             entry is None
             or host is None
@@ -298,9 +313,16 @@ class RouterProtocol(asyncio.Protocol):
         endpoint = entry.fixed or table.pick(entry)
         if host != self._fwd_host:
             self.forwarded_element(host)
-        bits = self._random_bits(192)
-        trace_id = (bits >> 64) or 1
-        span_id = (bits & SPAN_MASK) or 1
+        at = self._traces_at
+        if at == 0:
+            self._traces = b"%0*x" % (_TRACE_POOL, self._random_bits(_TRACE_POOL * 4))
+            at = _TRACE_POOL
+        at -= 48
+        self._traces_at = at
+        trace_id = self._traces[at : at + 32]
+        span_id = self._traces[at + 32 : at + 48]
+        if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
+            trace_id, span_id = random_ids(self._random_bits(192))  # not zero
         exchange = Exchange(
             self,
             method,
@@ -313,13 +335,11 @@ class RouterProtocol(asyncio.Protocol):
                 url,
                 host,
                 b"".join(lines) if lines else b"",
-                self.ip_bytes,
-                host,
-                self._fwd_element,
+                self._fwd_block,
                 trace_id,
                 span_id,
                 trace_id,
-                span_id,
+                int(span_id, 16),
             ),
         )
         if lines:
@@ -381,6 +401,7 @@ class RouterProtocol(asyncio.Protocol):
                 forwarded_for(self.ip),
                 forwarded_host(host),
             )
+            self._fwd_block = _FORWARDING % (self.ip_bytes, host, self._fwd_element)
         return self._fwd_element
 
     def _check_head_size(self) -> None:
@@ -554,4 +575,8 @@ class RouterProtocol(asyncio.Protocol):
         if self._seq or self._raw_head:
             message = f"the request head did not arrive within {self.settings.header_timeout:g}s"
             self.write(self._error_bytes(408, message, close=True))
+            # the client may still be sending: closing now would reset the connection
+            # and could destroy the 408 before the client reads it
+            self._close(linger=True)
+            return
         self._close()

@@ -5,8 +5,7 @@ connection's response. The client protocol creates it once the request head is p
 starts it when it is that connection's turn (requests pipelined on a connection are answered
 in order). Everything here runs in callbacks: no task, except to open a new connection.
 
-Fields that most requests never change are class-level defaults: an exchange is built for
-every request, and each attribute set in ``__init__`` costs time on the hot path.
+An exchange is built for every request: it has slots, all set in ``__init__``.
 """
 
 from __future__ import annotations
@@ -46,7 +45,39 @@ ConnectTask = asyncio.Task[tuple[asyncio.Transport, UpstreamConnection]]
 
 
 class Exchange(Ticket):
-    # set for every request in __init__: the fields the common path reads
+    __slots__ = (
+        "backend",
+        "body",
+        "body_size",
+        "chunked_in",
+        "client",
+        "close_after",
+        "connecting",
+        "deadline",
+        "endpoint",
+        "error",
+        "expect_continue",
+        "finished",
+        "has_body",
+        "head",
+        "http11",
+        "keep_alive",
+        "method",
+        "plain",
+        "replayable",
+        "req_bytes",
+        "req_done",
+        "resp_bytes",
+        "retried",
+        "started",
+        "state",
+        "status",
+        "t0",
+        "trace_id",
+        "upstream",
+        "url",
+        "user_agent",
+    )
     client: RouterProtocol
     method: bytes
     url: bytes
@@ -64,26 +95,25 @@ class Exchange(Ticket):
     plain: bool
     """A keep-alive HTTP/1.1 request without body, not HEAD: a response with a length
     passes with its head as it is."""
-    # the rest start as class-level defaults
-    t0: float = 0.0
-    chunked_in: bool = False
-    expect_continue: bool = False
-    error: tuple[int, str] | None = None
+    t0: float
+    chunked_in: bool
+    expect_continue: bool
+    error: tuple[int, str] | None
     """Status and message to answer instead of proxying."""
-    has_body: bool = False
-    body_size: int = 0
-    replayable: bool = False
-    retried: bool = False
-    upstream: UpstreamConnection | None = None
-    connecting: ConnectTask | None = None
-    started: bool = False
+    has_body: bool
+    body_size: int
+    replayable: bool
+    retried: bool
+    upstream: UpstreamConnection | None
+    connecting: ConnectTask | None
+    started: bool
     """The response head is on its way to the client."""
-    finished: bool = False
-    status: int = 0
-    req_bytes: int = 0
-    resp_bytes: int = 0
-    trace_id: bytes | int | None = None
-    user_agent: bytes | None = None
+    finished: bool
+    status: int
+    req_bytes: int
+    resp_bytes: int
+    trace_id: bytes | int | None
+    user_agent: bytes | None
 
     def __init__(
         self,
@@ -94,6 +124,7 @@ class Exchange(Ticket):
         endpoint: RevisionEndpoint | None,
         head: bytes,
     ) -> None:
+        # every slot, set once (slots: no instance dict to build and grow per request)
         self.client = client
         self.method = method
         self.url = url
@@ -102,8 +133,13 @@ class Exchange(Ticket):
         self.endpoint = endpoint
         self.head = head
         self.body = None
-        self.close_after = False
+        self.close_after = self.chunked_in = self.expect_continue = self.has_body = False
+        self.replayable = self.retried = self.started = self.finished = False
         self.plain = keep_alive and method != b"HEAD"
+        self.t0 = self.deadline = 0.0
+        self.error = self.upstream = self.connecting = self.trace_id = None
+        self.user_agent = self.backend = None
+        self.body_size = self.status = self.req_bytes = self.resp_bytes = self.state = 0
 
     def expect_body(self) -> None:
         """The request has a body to read (and to send on)."""

@@ -96,7 +96,9 @@ class RoutingTable:
         self._random = (rng or random.Random()).random
         self._routes: dict[str, ServiceRoute] = {}
         self._hosts: dict[bytes, HostEntry] = {}
-        self._cache: dict[bytes, HostEntry] = {}
+        self.cache: dict[bytes, HostEntry] = {}
+        """Host header values as sent → entry, filled by ``lookup`` (the proxy's hot path
+        reads it first)."""
         self.authorize: Authorizer | None = None
         """Given a route and the Authorization header: (status, message) refuses, None allows."""
         self.screen: Callable[[ServiceRoute, str], tuple[int, str] | None] | None = None
@@ -128,7 +130,7 @@ class RoutingTable:
             for tag, endpoint in route.tags.items():
                 hosts[self.host_of(route.service, tag).encode()] = HostEntry(route, endpoint)
         self._hosts = hosts
-        self._cache = {}
+        self.cache = {}
 
     def resolve(self, host: bytes) -> tuple[ServiceRoute, RevisionEndpoint] | None:
         """The route and revision for a Host header value (any case, port or not)."""
@@ -140,14 +142,14 @@ class RoutingTable:
     def lookup(self, host: bytes) -> HostEntry | None:
         """The entry for a Host header value; ``resolve`` without building a pair, for the
         proxy's hot path (then ``entry.fixed or table.pick(entry)`` is the revision)."""
-        entry = self._cache.get(host)
+        entry = self.cache.get(host)
         if entry is None:
             entry = self._hosts.get(canonical_host(host))
             if entry is None:
                 return None
-            if len(self._cache) >= _CACHE_LIMIT:
-                self._cache = {}
-            self._cache[host] = entry
+            if len(self.cache) >= _CACHE_LIMIT:
+                self.cache = {}
+            self.cache[host] = entry
         return entry
 
     def pick(self, entry: HostEntry) -> RevisionEndpoint:

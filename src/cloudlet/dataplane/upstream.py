@@ -22,6 +22,7 @@ from cloudlet.dataplane.wire import (
     CONTENT_LENGTH,
     CRLF,
     LAST_CHUNK,
+    PASSING,
     SEEN_NAMES,
     STATUS_LINES,
     TRANSFER_ENCODING,
@@ -32,6 +33,8 @@ from cloudlet.dataplane.wire import (
     status_line,
     whole_response,
 )
+
+_HEAD_END = b"\r\n\r\n"
 
 if TYPE_CHECKING:
     from cloudlet.dataplane.exchange import Exchange
@@ -193,13 +196,17 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self.phase == WAITING:
             if exchange.plain and not exchange.client.closing:
-                passing = whole_response(data)
-                if passing >= 0:  # the common case: the response passes as it is
+                # the common case: one whole response that passes as it is (the cache
+                # lookup of whole_response, inlined)
+                end = data.find(_HEAD_END)
+                passing = PASSING.get(data[:end]) if end > 0 else -1
+                if passing is None:
+                    passing = whole_response(data)
+                elif passing >> 10 != len(data) - end - 4:
+                    passing = -1
+                if passing >= 0:
                     self.write_client_bytes(data)
-                    self.resp_bytes = passing >> 10
-                    exchange.status = passing & 1023
-                    exchange.started = True
-                    exchange.response_done(self, True)
+                    self._passed(exchange, passing)
                     return
             self.phase = READING
         try:
@@ -222,6 +229,27 @@ class UpstreamConnection(asyncio.Protocol):
         elif self.phase == HEAD_SEEN and self.out:
             self.write_client(self.out)
             self.out.clear()
+
+    def _passed(self, exchange: Exchange, passing: int) -> None:
+        """A response passed whole: ``response_done`` and ``recycle``, inlined."""
+        exchange.finished = exchange.started = True
+        exchange.upstream = None
+        exchange.resp_bytes = passing >> 10
+        exchange.status = passing & 1023
+        self.exchange = None
+        self.write_client = _nowhere
+        self.pooled = True
+        if self.reading_paused:
+            self.resume_reading()
+        backend = self.backend
+        if backend.draining or self.closed:
+            self.close()
+        else:
+            backend.idle.append(self)
+        endpoint = exchange.endpoint
+        assert endpoint is not None
+        endpoint.finish(exchange)
+        exchange.client.exchange_done(exchange, exchange.close_after)
 
     def _complete(self, exchange: Exchange, reusable: bool) -> None:
         out = self.out

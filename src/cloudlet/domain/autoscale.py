@@ -104,6 +104,18 @@ def instances_for_backlog(policy: ScalingPolicy, in_flight: int, queued: int) ->
     return clamp_to_scale_bounds(policy, wanted)
 
 
+SLOW_START_FLOOR = 2
+
+
+def starts_allowed(ready: int, starting: int) -> int:
+    """Cold starts that may begin now: at most max(2, 2 x ready) in progress at once.
+
+    Starting containers compete for the same few CPUs; thirty at once on two cores make the
+    first ready only when nearly all are. Doubling per round (2, 6, 18, ...) serves the
+    first requests after about one cold start and reaches any size in a few rounds."""
+    return max(0, max(SLOW_START_FLOOR, 2 * ready) - starting)
+
+
 def initial_instances(policy: ScalingPolicy) -> int:
     """Instances to start when a revision is created (Knative's initial-scale)."""
     return clamp_to_scale_bounds(policy, policy.initial_scale)

@@ -21,7 +21,15 @@ from cloudlet.dataplane.activator import RevisionEndpoint
 from cloudlet.dataplane.routing import RequestRecord
 from cloudlet.runtimes.base import InstanceInfo, Runtime, RuntimeFailure
 from cloudlet.telemetry.billing import GIB, InstanceMeter, RevisionShape, Span
-from cloudlet.telemetry.logs import REQUESTS, SYSTEM, Followers, LogEntry, LogStore, parse_line
+from cloudlet.telemetry.logs import (
+    SYSTEM,
+    Followers,
+    LogEntry,
+    LogStore,
+    RequestRow,
+    parse_line,
+    request_json,
+)
 from cloudlet.telemetry.metrics import Family, Metrics
 
 if TYPE_CHECKING:
@@ -29,32 +37,26 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cloudlet.telemetry")
 Clock = Callable[[], float]
+WRITE_CHUNK = 1000
 
 
-def request_entry(end: float, record: RequestRecord, namespace: str) -> LogEntry:
-    """The request log entry of one finished request (its time is the request's start)."""
-    status = record.status
-    severity = "ERROR" if status >= 500 else "WARNING" if status >= 400 else "INFO"
-    return LogEntry(
-        timestamp=end - record.latency,
-        service=record.service or "",
-        revision=record.revision or "",
-        namespace=namespace,
-        instance=record.backend or "",
-        severity=severity,
-        log_name=REQUESTS,
-        message=f"{record.method} {status} {record.url}",
-        trace=f"projects/{namespace}/traces/{record.trace_id}" if record.trace_id else None,
-        http_request={
-            "requestMethod": record.method,
-            "requestUrl": record.url,
-            "status": status,
-            "latency": f"{record.latency:.6f}s",
-            "requestSize": str(record.request_bytes),
-            "responseSize": str(record.response_bytes),
-            "remoteIp": record.remote_ip,
-            "userAgent": record.user_agent or "",
-        },
+def request_row(end: float, r: RequestRecord, namespace: str) -> RequestRow:
+    """The stored form of a finished request (see ``logs.RequestRow``)."""
+    return (
+        end - r.latency,
+        namespace,
+        r.service or "",
+        r.revision or "",
+        r.backend or "",
+        r.method,
+        r.url,
+        r.status,
+        r.latency,
+        r.request_bytes,
+        r.response_bytes,
+        r.remote_ip,
+        r.user_agent,
+        r.trace_id,
     )
 
 
@@ -277,31 +279,49 @@ class Telemetry:
             self.dropped = 0
         self.metrics.observe_requests(batch)
         rows = [e.to_json() for e in entries]
-        rows += [
-            request_entry(end, r, self._namespace(r.revision)).to_json()
-            for end, r in batch
-            if r.service
-        ]
-        if rows:
-            await self.store.run(self.store.write, rows)
-            self.followers.publish(rows)
-        counts = self._request_counts(batch)
+        requests, counts = self._request_rows(batch)
+        if rows or requests:
+            await self._write(rows, requests)
+            self._publish(rows, requests)
         if spans or counts:
-            await self.store.run(self.store.write_usage, _span_rows(spans), counts)
+            self.store.write_usage(_span_rows(spans), counts)
+
+    async def _write(self, rows: list[dict[str, Any]], requests: list[RequestRow]) -> None:
+        """Store in chunks on the loop's own thread, yielding between them: a writer thread
+        would fight the router for the GIL (the convoy effect costs far more than the
+        writes), and small chunks keep each pause of the loop to a millisecond or two."""
+        for i in range(0, max(len(rows), len(requests)), WRITE_CHUNK):
+            self.store.write(rows[i : i + WRITE_CHUNK], requests[i : i + WRITE_CHUNK])
+            await asyncio.sleep(0)
+
+    def _publish(self, rows: list[dict[str, Any]], requests: list[RequestRow]) -> None:
+        wanted = self.followers.wanted()
+        if wanted:
+            followed = [request_json(r) for r in requests if (r[1], r[2]) in wanted]
+            self.followers.publish(sorted(rows + followed, key=lambda e: str(e["timestamp"])))
 
     def _namespace(self, revision: str | None) -> str:
         run = self._runs.get(revision or "")
         return run.namespace if run is not None else "default"
 
-    def _request_counts(
+    def _request_rows(
         self, batch: list[tuple[float, RequestRecord]]
-    ) -> dict[tuple[str, str, str, int], int]:
+    ) -> tuple[list[RequestRow], dict[tuple[str, str, str, int], int]]:
+        """Stored rows of a batch's requests and their counts per revision and hour."""
+        rows: list[RequestRow] = []
         counts: dict[tuple[str, str, str, int], int] = {}
+        namespaces: dict[str, str] = {}
         for end, r in batch:
-            if r.service and r.revision:
-                key = (self._namespace(r.revision), r.service, r.revision, int(end // 3600))
-                counts[key] = counts.get(key, 0) + 1
-        return counts
+            service, revision = r.service, r.revision
+            if not service or not revision:
+                continue  # unknown host: no service to log it under
+            ns = namespaces.get(revision)
+            if ns is None:
+                ns = namespaces[revision] = self._namespace(revision)
+            rows.append(request_row(end, r, ns))
+            key = (ns, service, revision, int(end // 3600))
+            counts[key] = counts.get(key, 0) + 1
+        return rows, counts
 
     def _take_spans(self, namespace: str, meter: InstanceMeter) -> None:
         for span in meter.take_closed():

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import json
 import re
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -97,6 +98,42 @@ class LogEntry:
         if self.http_request is not None:
             out["httpRequest"] = self.http_request
         return out
+
+
+RequestRow = tuple[
+    float, str, str, str, str, str, str, int, float, int, int, str, str | None, str | None
+]
+"""(start, namespace, service, revision, instance, method, url, status, latency,
+request bytes, response bytes, remote ip, user agent, trace id): a request log entry as
+stored, compact so the batch writer stays cheap; ``request_json`` makes the entry."""
+
+
+def request_json(row: RequestRow) -> dict[str, Any]:
+    """The Cloud Logging entry of one request (its time is the request's start)."""
+    start, ns, service, revision, instance, method, url, status, latency = row[:9]
+    request_bytes, response_bytes, remote_ip, user_agent, trace_id = row[9:]
+    entry = LogEntry(
+        start,
+        service,
+        revision,
+        ns,
+        instance,
+        "ERROR" if status >= 500 else "WARNING" if status >= 400 else "INFO",
+        REQUESTS,
+        message=f"{method} {status} {url}",
+        trace=f"projects/{ns}/traces/{trace_id}" if trace_id else None,
+        http_request={
+            "requestMethod": method,
+            "requestUrl": url,
+            "status": status,
+            "latency": f"{latency:.6f}s",
+            "requestSize": str(request_bytes),
+            "responseSize": str(response_bytes),
+            "remoteIp": remote_ip,
+            "userAgent": user_agent or "",
+        },
+    )
+    return entry.to_json()
 
 
 def parse_line(
@@ -241,7 +278,15 @@ CREATE TABLE IF NOT EXISTS entries (
   severity INTEGER NOT NULL,
   body TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS entries_service ON entries (namespace, service, id);
+DROP INDEX IF EXISTS entries_service;
+CREATE TABLE IF NOT EXISTS requests (
+  id INTEGER PRIMARY KEY,
+  ts REAL NOT NULL, namespace TEXT NOT NULL, service TEXT NOT NULL, revision TEXT NOT NULL,
+  instance TEXT NOT NULL, method TEXT NOT NULL, url TEXT NOT NULL, status INTEGER NOT NULL,
+  latency REAL NOT NULL, request_bytes INTEGER NOT NULL, response_bytes INTEGER NOT NULL,
+  remote_ip TEXT NOT NULL, user_agent TEXT, trace TEXT
+);
+DROP INDEX IF EXISTS requests_service;
 CREATE TABLE IF NOT EXISTS spans (
   namespace TEXT NOT NULL, service TEXT NOT NULL, revision TEXT NOT NULL,
   instance TEXT NOT NULL, start REAL NOT NULL, end REAL NOT NULL,
@@ -255,12 +300,16 @@ CREATE TABLE IF NOT EXISTS request_counts (
 );
 """
 SCAN_LIMIT = 200_000
-"""Rows a read looks at, at most, to find ``limit`` matches."""
+"""Newest rows of each table a read looks at, at most, to find ``limit`` matches. The
+tables have no secondary index (it would cost every write more than it saves reads);
+rows are in arrival order, so the newest are the last ids."""
 
 
 class LogStore:
     """The telemetry database (logs.db): entries under a size cap, billing spans, request
-    counts. Methods block; call them through ``run`` from async code."""
+    counts. Writes use one connection on the caller's (the event loop's) thread, in small
+    batches; reads use a second connection, through ``run`` on a worker thread (WAL lets
+    them proceed while a write is in progress)."""
 
     def __init__(self, path: Path, max_bytes: int) -> None:
         self.path = path
@@ -270,15 +319,17 @@ class LogStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(f"PRAGMA journal_size_limit={max(1 << 20, max_bytes // 4)}")
         self._db.executescript(_SCHEMA)
+        self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloudlet-logs")
         self.dropped_for_space = 0
 
     async def run(self, func: Callable[..., T], *args: Any) -> T:
-        """Run a blocking method on the store's one worker thread."""
+        """Run a blocking read on the store's one worker thread."""
         return await asyncio.get_running_loop().run_in_executor(self._worker, func, *args)
 
     def close(self) -> None:
         self._worker.shutdown(wait=True)
+        self._reader.close()
         self._db.close()
 
     @contextlib.contextmanager
@@ -291,8 +342,8 @@ class LogStore:
             raise
         self._db.execute("COMMIT")
 
-    def write(self, entries: list[dict[str, Any]]) -> None:
-        """Append entries (Cloud Logging JSON), then enforce the size cap."""
+    def write(self, entries: list[dict[str, Any]], requests: Sequence[RequestRow] = ()) -> None:
+        """Append entries (Cloud Logging JSON) and request rows, then enforce the size cap."""
         rows = [
             (
                 parse_time(e["timestamp"]) or 0.0,
@@ -308,6 +359,12 @@ class LogStore:
                 "INSERT INTO entries (ts, namespace, service, severity, body) VALUES (?,?,?,?,?)",
                 rows,
             )
+            db.executemany(
+                "INSERT INTO requests (ts, namespace, service, revision, instance, method, url, "
+                "status, latency, request_bytes, response_bytes, remote_ip, user_agent, trace) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                requests,
+            )
         self.enforce_cap()
 
     def used_bytes(self) -> int:
@@ -321,16 +378,20 @@ class LogStore:
         for _ in range(50):
             if self.used_bytes() <= self.max_bytes:
                 return
-            count = self._db.execute("SELECT count(*) FROM entries").fetchone()[0]
-            if count == 0:
-                return
-            drop = max(1, count // 10)
+            dropped = 0
             with self._tx() as db:
-                db.execute(
-                    "DELETE FROM entries WHERE id IN (SELECT id FROM entries ORDER BY id LIMIT ?)",
-                    (drop,),
-                )
-            self.dropped_for_space += drop
+                for table in ("entries", "requests"):
+                    count = db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                    drop = (count + 9) // 10
+                    db.execute(
+                        f"DELETE FROM {table} WHERE id IN "
+                        f"(SELECT id FROM {table} ORDER BY id LIMIT ?)",
+                        (drop,),
+                    )
+                    dropped += drop
+            if dropped == 0:
+                return
+            self.dropped_for_space += dropped
 
     def read(
         self,
@@ -341,16 +402,33 @@ class LogStore:
         predicate: Predicate | None = None,
     ) -> list[dict[str, Any]]:
         """Newest first: up to ``limit`` entries of a service at or after ``since``."""
-        sql = "SELECT body FROM entries WHERE namespace=? AND service=? AND ts>=? ORDER BY id DESC"
-        cursor = self._db.execute(sql + " LIMIT ?", (namespace, service, since or 0, SCAN_LIMIT))
+        where = (
+            "WHERE id > (SELECT coalesce(max(id), 0) FROM {table}) - ? "
+            "AND namespace=? AND service=? AND ts>=? ORDER BY id DESC"
+        )
+        args = (SCAN_LIMIT, namespace, service, since or 0)
+        logged = (
+            (ts, json.loads(body))
+            for ts, body in self._reader.execute(
+                "SELECT ts, body FROM entries " + where.format(table="entries"), args
+            )
+        )
+        requests = (
+            (row[0], request_json(row))
+            for row in self._reader.execute(
+                "SELECT ts, namespace, service, revision, instance, method, url, status, "
+                "latency, request_bytes, response_bytes, remote_ip, user_agent, trace "
+                "FROM requests " + where.format(table="requests"),
+                args,
+            )
+        )
         found: list[dict[str, Any]] = []
-        for (body,) in cursor:
-            entry = json.loads(body)
+        for _, entry in heapq.merge(logged, requests, key=lambda pair: pair[0], reverse=True):
             if predicate is None or predicate(entry):
                 found.append(entry)
                 if len(found) >= limit:
                     break
-        found.sort(key=lambda e: e["timestamp"], reverse=True)
+        found.sort(key=lambda e: str(e["timestamp"]), reverse=True)
         return found
 
     def write_usage(
@@ -374,13 +452,13 @@ class LogStore:
         if service:
             where += " AND service=?"
             args.append(service)
-        spans = self._db.execute(
+        spans = self._reader.execute(
             "SELECT service, revision, instance, start, end, cpu, memory_gib, mode FROM spans "
             "WHERE " + where.format(col="end"),
             args,
         ).fetchall()
         args[1] = int(since // 3600)
-        counts = self._db.execute(
+        counts = self._reader.execute(
             "SELECT service, revision, sum(count) FROM request_counts WHERE "
             + where.format(col="hour")
             + " GROUP BY service, revision",
@@ -415,6 +493,10 @@ class Followers:
             for queue, wanted in self._subs.items():
                 if wanted == key and not queue.full():
                     queue.put_nowait(entry)
+
+    def wanted(self) -> set[tuple[str, str]]:
+        """The (namespace, service) pairs someone follows."""
+        return set(self._subs.values())
 
     def close(self) -> None:
         """End every follow (the server is stopping)."""

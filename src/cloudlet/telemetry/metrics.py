@@ -79,10 +79,13 @@ class Family:
         self.values[labels] = self.values.get(labels, 0.0) + amount
 
     def observe(self, labels: Labels, value: float, buckets: tuple[float, ...]) -> None:
+        self.histogram(labels, buckets).observe(value)
+
+    def histogram(self, labels: Labels, buckets: tuple[float, ...]) -> Histogram:
         histogram = self.histograms.get(labels)
         if histogram is None:
             histogram = self.histograms[labels] = Histogram(buckets)
-        histogram.observe(value)
+        return histogram
 
     def render(self) -> Iterable[str]:
         yield f"# HELP {self.name} {self.help}"
@@ -131,16 +134,26 @@ class Metrics:
 
     def observe_requests(self, batch: Iterable[tuple[float, RequestRecord]]) -> None:
         """A flushed batch of (wall end time, record)."""
+        counts: dict[tuple[str, str, int], int] = {}
+        latencies: dict[tuple[str, str], list[float]] = {}
         for end, record in batch:
-            service = record.service or ""
-            labels = (("service", service), ("revision", record.revision or ""))
-            self.requests.inc((*labels, ("code_class", code_class(record.status))))
-            self.latency.observe(labels, record.latency, LATENCY_BUCKETS)
+            service, revision, latency = record.service or "", record.revision or "", record.latency
+            key = (service, revision, record.status // 100)
+            counts[key] = counts.get(key, 0) + 1
+            latencies.setdefault((service, revision), []).append(latency)
             if service:
                 recent = self.recent.get(service)
                 if recent is None:
                     recent = self.recent[service] = deque(maxlen=RECENT_SAMPLES)
-                recent.append((end, record.latency))
+                recent.append((end, latency))
+        for (service, revision, klass), n in counts.items():
+            labels = (("service", service), ("revision", revision))
+            self.requests.inc((*labels, ("code_class", code_class(klass * 100))), n)
+        for (service, revision), values in latencies.items():
+            labels = (("service", service), ("revision", revision))
+            observe = self.latency.histogram(labels, LATENCY_BUCKETS).observe
+            for value in values:
+                observe(value)
 
     def observe_start(self, service: str, revision: str, startup: float, now: float) -> None:
         labels = (("service", service), ("revision", revision))

@@ -118,6 +118,9 @@ class Server(ThreadingHTTPServer):
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # headers and body are separate writes: without TCP_NODELAY, Nagle holds the body
+    # back until the peer's delayed ACK (about 40 ms) on a kept-alive connection
+    disable_nagle_algorithm = True
     server: Server
 
     # --- plumbing ---------------------------------------------------------------------
