@@ -99,18 +99,25 @@ def next_revision_number(service: str, names: list[str]) -> int:
 
 def set_public(client: Client, namespace: str, region: str, name: str, public: bool) -> None:
     """Add or remove the allUsers binding of roles/run.invoker."""
+    edit_binding(client, namespace, region, name, "allUsers", "roles/run.invoker", public)
+
+
+def edit_binding(
+    client: Client, namespace: str, region: str, name: str, member: str, role: str, add: bool
+) -> None:
+    """Read the service's IAM policy, add or remove one member of one role, write it back."""
     policy = client.request("POST", client.iam(namespace, region, name, "getIamPolicy"), {})
-    bindings = [b for b in policy.get("bindings", []) if b["role"] != "roles/run.invoker"]
-    members: list[str] = next(
-        (b["members"] for b in policy.get("bindings", []) if b["role"] == "roles/run.invoker"), []
-    )
-    members = [m for m in members if m != "allUsers"] + (["allUsers"] if public else [])
-    if members:
-        bindings.append({"role": "roles/run.invoker", "members": members})
+    bindings = {b["role"]: set(b["members"]) for b in policy.get("bindings", [])}
+    members = bindings.setdefault(role, set())
+    if add:
+        members.add(member)
+    else:
+        members.discard(member)
+    new = [{"role": r, "members": sorted(m)} for r, m in bindings.items() if m]
     client.request(
         "POST",
         client.iam(namespace, region, name, "setIamPolicy"),
-        {"policy": {"bindings": bindings, "etag": policy.get("etag")}},
+        {"policy": {"bindings": new, "etag": policy.get("etag")}},
     )
 
 

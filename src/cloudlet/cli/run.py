@@ -11,7 +11,7 @@ import yaml
 from cloudlet.cli import render
 from cloudlet.cli.builds import image_for_deploy
 from cloudlet.cli.client import ApiError, Client
-from cloudlet.cli.deploy import deploy, set_public, summary, wait_ready
+from cloudlet.cli.deploy import deploy, edit_binding, summary, wait_ready
 from cloudlet.cli.logs import logs_group, recent_traffic_lines
 from cloudlet.cli.options import DEFAULT_REGION, common, namespace
 from cloudlet.cli.template import TemplateFlags, parse_pairs
@@ -441,31 +441,8 @@ def services_add_binding(
 ) -> None:
     """Grant ROLE on SERVICE to MEMBER."""
     client = Client.from_env()
-    if member == "allUsers" and role == "roles/run.invoker":
-        set_public(client, namespace(project), region or DEFAULT_REGION, service, True)
-    else:
-        _edit_binding(
-            client, namespace(project), region or DEFAULT_REGION, service, member, role, True
-        )
+    edit_binding(client, namespace(project), region or DEFAULT_REGION, service, member, role, True)
     render.err.print(f"Updated IAM policy for service [{service}].", markup=False)
-
-
-def _edit_binding(
-    client: Client, ns: str, region: str, service: str, member: str, role: str, add: bool
-) -> None:
-    policy = client.request("POST", client.iam(ns, region, service, "getIamPolicy"), {})
-    bindings = {b["role"]: set(b["members"]) for b in policy.get("bindings", [])}
-    members = bindings.setdefault(role, set())
-    if add:
-        members.add(member)
-    else:
-        members.discard(member)
-    new = [{"role": r, "members": sorted(m)} for r, m in bindings.items() if m]
-    client.request(
-        "POST",
-        client.iam(ns, region, service, "setIamPolicy"),
-        {"policy": {"bindings": new, "etag": policy.get("etag")}},
-    )
 
 
 @services_group.command("remove-iam-policy-binding")
@@ -485,9 +462,7 @@ def services_remove_binding(
 ) -> None:
     """Take ROLE on SERVICE away from MEMBER."""
     client = Client.from_env()
-    _edit_binding(
-        client, namespace(project), region or DEFAULT_REGION, service, member, role, False
-    )
+    edit_binding(client, namespace(project), region or DEFAULT_REGION, service, member, role, False)
     render.err.print(f"Updated IAM policy for service [{service}].", markup=False)
 
 
