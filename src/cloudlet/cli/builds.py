@@ -25,6 +25,7 @@ from cloudlet.builder.reference import source_image, validate_image
 from cloudlet.builder.source import Source, facts, open_source, tar_stream
 from cloudlet.cli import render
 from cloudlet.cli.client import ApiError, Client, discover
+from cloudlet.cli.failures import BuildFailed
 from cloudlet.cli.options import namespace
 from cloudlet.domain.errors import InvalidError
 
@@ -32,10 +33,6 @@ BUILDS = "/v1/projects/{project}/builds"
 # Uploads and builds take as long as they take; the server sends a heartbeat line every
 # 15 s while a build is quiet, so a minute of silence means the server is gone.
 STREAM_TIMEOUT = httpx.Timeout(30.0, read=60.0, write=None)
-
-
-class BuildFailed(Exception):
-    """The build ran and failed (the message is the failing step and its output)."""
 
 
 # -- talking to the server -----------------------------------------------------------------

@@ -10,23 +10,12 @@ from typing import Any
 
 import httpx
 
+from cloudlet.cli.failures import ApiError
 from cloudlet.settings import default_home
 
+__all__ = ["ApiError", "Client", "discover"]
+
 KNATIVE = "/apis/serving.knative.dev/v1/namespaces/{namespace}"
-
-
-class ApiError(Exception):
-    """An error answer from the control API, or no answer at all."""
-
-    def __init__(self, message: str, status: int = 0, reason: str = "") -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.reason = reason
-
-    @property
-    def user_fault(self) -> bool:
-        return 400 <= self.status < 500
 
 
 def discover(env: Mapping[str, str] | None = None) -> tuple[str, str]:

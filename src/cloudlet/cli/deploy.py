@@ -8,6 +8,7 @@ from typing import Any
 
 from cloudlet.cli import render
 from cloudlet.cli.client import Client
+from cloudlet.cli.failures import DeployFailed
 from cloudlet.cli.template import TemplateFlags, apply, new_service
 from cloudlet.domain.errors import InvalidError
 from cloudlet.domain.models import TrafficTarget, dump
@@ -15,10 +16,6 @@ from cloudlet.domain.names import random_token, revision_name, validate_tag
 from cloudlet.domain.traffic import update_tags, zero_latest
 
 WAIT_SECONDS = 300.0
-
-
-class DeployFailed(Exception):
-    """The new revision did not become ready; the message says why."""
 
 
 def deploy(

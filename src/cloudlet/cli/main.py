@@ -5,6 +5,7 @@ Exit codes: 0 success; 2 bad input (a usage error or a 4xx answer); 1 anything e
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from typing import Any
@@ -14,21 +15,45 @@ from rich.text import Text
 
 from cloudlet import __version__
 from cloudlet.cli import render
-from cloudlet.cli.auth import auth_group
-from cloudlet.cli.billing import billing_group
-from cloudlet.cli.builds import BuildFailed, builds_group
-from cloudlet.cli.client import ApiError
-from cloudlet.cli.config import gcloud_config_command, kubeconfig_command
-from cloudlet.cli.deploy import DeployFailed
-from cloudlet.cli.logs import beta_group
-from cloudlet.cli.run import deploy_command, run_group
-from cloudlet.cli.secrets import secrets_group
+from cloudlet.cli.failures import ApiError, BuildFailed, DeployFailed
 from cloudlet.domain.errors import CloudletError
 
 USAGE_EXIT = 2
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported when first used: `cloudlet builds submit`
+    does not pay for importing every other command group (the CLI starts in about half
+    the time)."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._lazy = lazy
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self._lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self._lazy and cmd_name not in self.commands:
+            module, attr = self._lazy[cmd_name].split(":")
+            self.add_command(getattr(importlib.import_module(module), attr), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+COMMANDS = {
+    "run": "cloudlet.cli.run:run_group",
+    "deploy": "cloudlet.cli.run:deploy_command",
+    "builds": "cloudlet.cli.builds:builds_group",
+    "kubeconfig": "cloudlet.cli.config:kubeconfig_command",
+    "gcloud-config": "cloudlet.cli.config:gcloud_config_command",
+    "auth": "cloudlet.cli.auth:auth_group",
+    "secrets": "cloudlet.cli.secrets:secrets_group",
+    "beta": "cloudlet.cli.logs:beta_group",
+    "billing": "cloudlet.cli.billing:billing_group",
+}
+
+
+@click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cloudlet")
 def cli() -> None:
     """Cloudlet: Cloud Run on your own machine.
@@ -72,17 +97,6 @@ def server_command(**flags: Any) -> None:
 
     settings = settings_module.load(os.environ, **flags)
     serve(settings)
-
-
-cli.add_command(run_group)
-cli.add_command(deploy_command, "deploy")
-cli.add_command(builds_group)
-cli.add_command(kubeconfig_command)
-cli.add_command(gcloud_config_command)
-cli.add_command(auth_group)
-cli.add_command(secrets_group)
-cli.add_command(beta_group)
-cli.add_command(billing_group)
 
 
 def main(argv: list[str] | None = None) -> None:

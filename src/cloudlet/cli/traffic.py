@@ -15,7 +15,8 @@ import click
 
 from cloudlet.cli import render
 from cloudlet.cli.client import ApiError, Client
-from cloudlet.cli.deploy import WAIT_SECONDS, DeployFailed
+from cloudlet.cli.deploy import WAIT_SECONDS
+from cloudlet.cli.failures import DeployFailed
 from cloudlet.cli.options import common, namespace
 from cloudlet.domain.errors import InvalidError
 from cloudlet.domain.models import TrafficTarget, dump
