@@ -5,12 +5,11 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import subprocess
-import time
 
 import httpx
 import pytest
 
-from tests.conftest import CloudletServer
+from tests.conftest import CloudletServer, wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -19,14 +18,6 @@ def deploy(server: CloudletServer, name: str, image: str, *flags: str) -> str:
     done = server.cli("run", "deploy", name, "--image", image, "--allow-unauthenticated", *flags)
     assert f"Service URL: {server.url(name)}" in done.stdout
     return done.stdout
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.25)
 
 
 def test_deploy_prints_the_url_and_the_container_serves_it(
@@ -210,8 +201,9 @@ def test_the_cli_says_how_to_start_a_server_when_none_runs(tmp_path) -> None:  #
     assert "cloudlet server" in done.stderr
 
 
-def test_a_revision_keeps_its_image_when_the_tag_moves(server: CloudletServer,
-                                                       testapp_image: str) -> None:
+def test_a_revision_keeps_its_image_when_the_tag_moves(
+    server: CloudletServer, testapp_image: str
+) -> None:
     from tests.images import REPO, ensure_image
 
     other = ensure_image("hello:latest", REPO / "examples" / "hello")
@@ -224,5 +216,6 @@ def test_a_revision_keeps_its_image_when_the_tag_moves(server: CloudletServer,
         wait_for(lambda: not server.containers("pinned"), 60, "scale to zero")
         assert server.request("pinned").text == first
     finally:
-        subprocess.run(["docker", "rmi", "cloudlet-retag-test:v1"], capture_output=True,
-                       check=False)
+        subprocess.run(
+            ["docker", "rmi", "cloudlet-retag-test:v1"], capture_output=True, check=False
+        )

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from cloudlet.telemetry.billing import busy_spans
-from tests.conftest import CloudletServer
+from tests.conftest import CloudletServer, wait_for
 
 pytestmark = pytest.mark.docker
 BASE = "/apis/cloudlet.dev/v1/namespaces/default"
@@ -39,14 +39,6 @@ def api(server: CloudletServer, path: str, **params: str) -> Any:
     )
     response.raise_for_status()
     return response.json() if "json" in response.headers["content-type"] else response.text
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.25)
 
 
 def events(entries: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:

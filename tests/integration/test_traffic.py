@@ -11,14 +11,13 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import CloudletServer
+from tests.conftest import CloudletServer, wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -79,14 +78,6 @@ def revision_containers(server: CloudletServer, revision: str) -> list[str]:
     args = ["docker", "ps", "-q", "--filter", f"label=cloudlet.owner={server.owner}"]
     args += ["--filter", f"label=cloudlet.revision={revision}"]
     return subprocess.run(args, capture_output=True, text=True, check=True).stdout.split()
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.25)
 
 
 def test_the_issue_flow_splits_tags_promotes_and_rolls_back(
