@@ -10,13 +10,12 @@ import contextlib
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import CloudletServer
+from tests.conftest import CloudletServer, wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -44,14 +43,6 @@ def peak_of(container: str) -> int:
 
 def cpu_quota(container: str) -> str:
     return Path(f"/sys/fs/cgroup/cpu/docker/{container}/cpu.cfs_quota_us").read_text().strip()
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
 
 
 async def burst(server: CloudletServer, service: str, count: int) -> list[int]:
@@ -98,7 +89,10 @@ def test_a_burst_scales_out_to_max_instances_and_no_instance_exceeds_its_concurr
     deploy(server, "burst", testapp_image, "--concurrency", "10", "--max-instances", "6")
     with InstanceCounter(server, "burst", peaks=True) as counter:
         codes = asyncio.run(burst(server, "burst", 300))
-    assert codes == [200] * 300
+        # A second burst meets the instances the first one started (on a busy machine
+        # the first can finish on one instance before the others are ready).
+        codes += asyncio.run(burst(server, "burst", 300))
+    assert codes == [200] * 600
     assert 1 < max(counter.counts) <= 6
     for container in server.containers("burst"):
         counter.peaks[container] = peak_of(container)
