@@ -13,7 +13,7 @@ user-space instructions per request of each proxy process under valgrind's callg
 (exactly 1000 and then 6000 requests over the connections, the difference over 5000),
 which unlike time does not depend on what else the machine is doing.
 
-    python bench/proxy_local.py [--duration 5] [--connections 80] [--floor]
+    python bench/proxy_local.py [--duration 5] [--connections 80] [--floor] [--logging]
         [--baseline /tmp/old/src] [--rounds 1] [--instructions]
 """
 
@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 HOST_HEADER = "hello.bench.local"
 _OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
@@ -65,8 +65,10 @@ def serve_upstream(port: int) -> None:
     uvloop.run(main())
 
 
-def serve_router(port: int, upstream_port: int, src: str = "") -> None:
-    """The router with one service, one revision (containerConcurrency 80), one instance."""
+def serve_router(port: int, upstream_port: int, src: str = "", logging: bool = False) -> None:
+    """The router with one service, one revision (containerConcurrency 80), one instance;
+    with ``logging``, request logging as the server does it (the telemetry hub's buffer and
+    metrics, batches to the log writer process storing into a scratch logs.db)."""
     import uvloop
 
     sys.path.insert(0, src or str(Path(__file__).resolve().parents[1] / "src"))
@@ -83,11 +85,28 @@ def serve_router(port: int, upstream_port: int, src: str = "") -> None:
         endpoint = RevisionEndpoint("hello", "hello-00001", container_concurrency=80, timeout=300)
         endpoint.add_backend("i1", "127.0.0.1", upstream_port)
         table.set_service(ServiceRoute("hello", ((endpoint, 100),)))
+        if logging:
+            await log_requests(table)
         server = await start_router(table, "127.0.0.1", port, RouterSettings())
         print("ready", flush=True)
         await server.serve_forever()
 
     uvloop.run(main())
+
+
+async def log_requests(table: Any) -> None:
+    from cloudlet.telemetry.collector import Telemetry
+    from cloudlet.telemetry.logs import LogStore
+    from cloudlet.telemetry.writer import LogWriter
+
+    db = Path(tempfile.mkdtemp(prefix="bench-logs-")) / "logs.db"
+    telemetry = Telemetry(LogStore(db, 256 * 2**20), sink=LogWriter(db, 256 * 2**20))
+    await telemetry.sink.start()
+    table.on_request_done = telemetry.request_done
+    TASKS.add(asyncio.get_running_loop().create_task(telemetry.run()))
+
+
+TASKS: set[asyncio.Task[None]] = set()
 
 
 def serve_floor(port: int, upstream_port: int) -> None:
@@ -249,6 +268,9 @@ def main() -> None:
     )
     parser.add_argument("--baseline", help="also measure the router of this src directory")
     parser.add_argument(
+        "--logging", action="store_true", help="also measure the router with request logging"
+    )
+    parser.add_argument(
         "--instructions", action="store_true", help="count instructions per request instead"
     )
     args = parser.parse_args()
@@ -263,6 +285,8 @@ def main() -> None:
         wanted: list[tuple[str, str, str | None, list[str]]] = [
             ("router", "--serve-router", HOST_HEADER, [])
         ]
+        if args.logging:
+            wanted.append(("logged", "--serve-logged-router", HOST_HEADER, []))
         if args.baseline:
             wanted.append(("baseline", "--serve-router", HOST_HEADER, [args.baseline]))
         if args.floor:
@@ -296,6 +320,8 @@ def count_instructions(args: argparse.Namespace) -> None:
     up_port = free_port()
     upstream = spawn("--serve-upstream", str(up_port))
     wanted = [("router", "--serve-router", HOST_HEADER, [])]
+    if args.logging:
+        wanted.append(("logged", "--serve-logged-router", HOST_HEADER, []))
     if args.baseline:
         wanted.append(("baseline", "--serve-router", HOST_HEADER, [args.baseline]))
     if args.floor:
@@ -372,6 +398,8 @@ if __name__ == "__main__":
         serve_upstream(int(sys.argv[2]))
     elif len(sys.argv) > 3 and sys.argv[1] == "--serve-router":
         serve_router(int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:5])
+    elif len(sys.argv) > 3 and sys.argv[1] == "--serve-logged-router":
+        serve_router(int(sys.argv[2]), int(sys.argv[3]), logging=True)
     elif len(sys.argv) > 3 and sys.argv[1] == "--serve-floor":
         serve_floor(int(sys.argv[2]), int(sys.argv[3]))
     else:

@@ -5,9 +5,11 @@
 One child process runs two Cloudlet routers on one uvloop loop, both routing to the same
 revision endpoint, whose one backend is a tiny static C HTTP server (bench/tinyhttp, run
 as a plain process so the router is the bottleneck). Router A has request logging on (the
-server's Telemetry: buffer, 0.5 s batch flush into logs.db, metrics); router B has it off.
-wrk (1 thread, 80 connections) loads them in alternation; the script prints the median
-requests/s of each and their ratio (goal: >= 0.9), and how many request entries were stored.
+server's Telemetry: buffer, metrics and a 0.5 s batch flush to the log writer process, which
+stores into logs.db); router B has it off. wrk (1 thread, 80 connections) loads them in
+alternation; the script prints the median requests/s of each and their ratio (goal: >= 0.9),
+CPU per request of the router and of the log writer process, and how many request entries
+were stored.
 Needs wrk and gcc.
 """
 
@@ -38,13 +40,15 @@ from cloudlet.dataplane.proxy import RouterSettings, start_router
 from cloudlet.dataplane.routing import RoutingTable, ServiceRoute
 from cloudlet.telemetry.collector import Telemetry
 from cloudlet.telemetry.logs import LogStore
+from cloudlet.telemetry.writer import LogWriter
 
 async def main(backend_port, port_on, port_off, db):
     endpoint = RevisionEndpoint("bench", "bench-00001-abc", container_concurrency=80,
                                 timeout=60)
     endpoint.add_backend("tiny", "127.0.0.1", backend_port)
     route = ServiceRoute("bench", ((endpoint, 100),))
-    telemetry = Telemetry(LogStore(Path(db), 256 * 2**20))
+    telemetry = Telemetry(LogStore(Path(db), 256 * 2**20), sink=LogWriter(Path(db), 256 * 2**20))
+    await telemetry.sink.start()
     flusher = asyncio.create_task(telemetry.run())
     routers = []
     for port, logging_on in ((port_on, True), (port_off, False)):
@@ -53,7 +57,7 @@ async def main(backend_port, port_on, port_off, db):
         if logging_on:
             table.on_request_done = telemetry.request_done
         routers.append(await start_router(table, "127.0.0.1", port, RouterSettings()))
-    print("ready", flush=True)
+    print("ready", telemetry.sink.pid, flush=True)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(15, stop.set)
     await stop.wait()
@@ -87,11 +91,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measured(pid: int, port: int, seconds: int) -> tuple[float, float]:
-    """(requests/s, router CPU microseconds per request) of one wrk run."""
-    before = cpu_seconds(pid)
+def measured(pids: tuple[int, int], port: int, seconds: int) -> tuple[float, float, float]:
+    """(requests/s, router and log writer CPU microseconds per request) of one wrk run."""
+    before = [cpu_seconds(pid) for pid in pids]
     rps = wrk(port, seconds)
-    return rps, (cpu_seconds(pid) - before) / (rps * seconds) * 1e6
+    router, writer = (
+        (cpu_seconds(pid) - b) / (rps * seconds) * 1e6 for pid, b in zip(pids, before, strict=True)
+    )
+    return rps, router, writer
 
 
 def wrk(port: int, seconds: int) -> float:
@@ -136,36 +143,45 @@ def main() -> None:
         )
         try:
             wait_port(backend_port)
-            assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+            assert child.stdout is not None
+            ready, writer_pid = child.stdout.readline().split()
+            assert ready == "ready"
+            pids = (child.pid, int(writer_pid))
             wrk(port_on, 1)  # warm up both paths
             wrk(port_off, 1)
-            on: list[tuple[float, float]] = []
-            off: list[tuple[float, float]] = []
+            on: list[tuple[float, float, float]] = []
+            off: list[tuple[float, float, float]] = []
             for _ in range(args.rounds):
-                off.append(measured(child.pid, port_off, args.seconds))
-                on.append(measured(child.pid, port_on, args.seconds))
+                off.append(measured(pids, port_off, args.seconds))
+                on.append(measured(pids, port_on, args.seconds))
         finally:
             child.send_signal(signal.SIGTERM)
             child.wait(30)
             backend.terminate()
             backend.wait(10)
-        stored = sqlite3.connect(db).execute("SELECT count(*) FROM requests").fetchone()[0]
+        stored = (
+            sqlite3.connect(db)
+            .execute("SELECT coalesce(sum(count), 0) FROM request_chunks")
+            .fetchone()[0]
+        )
     report("off", off)
     report("on", on)
-    rps_ratio = statistics.median(r for r, _ in on) / statistics.median(r for r, _ in off)
-    cpu_ratio = statistics.median(c for _, c in off) / statistics.median(c for _, c in on)
+    rps_ratio = statistics.median(r[0] for r in on) / statistics.median(r[0] for r in off)
+    cpu_off = statistics.median(r[1] + r[2] for r in off)
+    cpu_on = statistics.median(r[1] + r[2] for r in on)
     print(
-        f"throughput on/off: {rps_ratio:.3f}; CPU per request off/on: {cpu_ratio:.3f} "
-        f"(goal >= 0.9); request entries stored: {stored}"
+        f"throughput on/off: {rps_ratio:.3f}; CPU per request (router + writer) off/on: "
+        f"{cpu_off / cpu_on:.3f} (goal >= 0.9); request entries stored: {stored}"
     )
 
 
-def report(name: str, runs: list[tuple[float, float]]) -> None:
-    rps = statistics.median(r for r, _ in runs)
-    cpu = statistics.median(c for _, c in runs)
+def report(name: str, runs: list[tuple[float, float, float]]) -> None:
+    rps = statistics.median(r[0] for r in runs)
+    router = statistics.median(r[1] for r in runs)
+    writer = statistics.median(r[2] for r in runs)
     print(
-        f"logging {name:>3}: {rps:8.0f} req/s, {cpu:6.1f} us CPU/request "
-        f"(rounds: {[round(r) for r, _ in runs]})"
+        f"logging {name:>3}: {rps:8.0f} req/s, CPU/request: router {router:5.1f} us + "
+        f"log writer {writer:4.1f} us (rounds: {[round(r[0]) for r in runs]})"
     )
 
 

@@ -41,6 +41,7 @@ from cloudlet.settings import Settings
 from cloudlet.store import Store
 from cloudlet.telemetry.collector import Telemetry
 from cloudlet.telemetry.logs import LogStore
+from cloudlet.telemetry.writer import LogWriter
 
 log = logging.getLogger("cloudlet")
 
@@ -113,6 +114,7 @@ class Server:
         tls_sock = _bind(s.api_tls_host, s.api_tls_port) if s.api_tls_port is not None else None
         table = RoutingTable(s.domain)
         self._telemetry = telemetry = _telemetry(s, self.runtime)
+        await telemetry.sink.start()
         table.on_request_done = telemetry.request_done
         self._router = await start_router(table, s.host, s.port, RouterSettings())
         router_port = self._router.sockets[0].getsockname()[1]
@@ -246,7 +248,8 @@ class Server:
 
 def _telemetry(settings: Settings, runtime: Runtime) -> Telemetry:
     store = LogStore(settings.logs_database, settings.log_retention_bytes)
-    telemetry = Telemetry(store, runtime)
+    writer = LogWriter(settings.logs_database, settings.log_retention_bytes)
+    telemetry = Telemetry(store, runtime, sink=writer)
     telemetry.install_hooks = _instance_hooks(telemetry)
     return telemetry
 

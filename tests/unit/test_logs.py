@@ -17,9 +17,11 @@ from cloudlet.telemetry.collector import Telemetry
 from cloudlet.telemetry.logs import (
     REQUESTS,
     STDERR,
+    Batch,
     Followers,
     LogEntry,
     LogStore,
+    columns_of,
     parse_filter,
     parse_line,
 )
@@ -98,6 +100,10 @@ def test_a_bad_filter_is_refused_naming_the_flag(text: str, says: str) -> None:
     assert "--log-filter" in caught.value.message
 
 
+def _write(store: LogStore, entries: list[dict[str, Any]]) -> None:
+    store.apply(Batch(entries, None, []))
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[LogStore]:
     db = LogStore(tmp_path / "logs.db", 1 << 20)
@@ -106,8 +112,9 @@ def store(tmp_path: Path) -> Iterator[LogStore]:
 
 
 def test_reads_are_newest_first_and_filtered(store: LogStore) -> None:
-    store.write(
-        [_json("INFO", f"line {i}") | {"timestamp": f"2026-01-01T00:00:0{i}Z"} for i in range(5)]
+    _write(
+        store,
+        [_json("INFO", f"line {i}") | {"timestamp": f"2026-01-01T00:00:0{i}Z"} for i in range(5)],
     )
     entries = store.read("default", "svc", 2, predicate=parse_filter("severity>=INFO"))
     assert [e["textPayload"] for e in entries] == ["line 4", "line 3"]
@@ -116,7 +123,7 @@ def test_reads_are_newest_first_and_filtered(store: LogStore) -> None:
 
 def test_the_store_drops_the_oldest_entries_beyond_its_cap(store: LogStore) -> None:
     for batch in range(40):
-        store.write([_json(text=f"{batch}-{i} " + "x" * 400) for i in range(200)])
+        _write(store, [_json(text=f"{batch}-{i} " + "x" * 400) for i in range(200)])
     assert store.used_bytes() <= store.max_bytes
     assert store.dropped_for_space > 0
     newest = store.read("default", "svc", 1)[0]["textPayload"]
@@ -127,7 +134,7 @@ def test_the_store_drops_the_oldest_entries_beyond_its_cap(store: LogStore) -> N
 
 def test_entries_survive_reopening_the_store(tmp_path: Path) -> None:
     first = LogStore(tmp_path / "logs.db", 1 << 20)
-    first.write([_json(text="kept")])
+    _write(first, [_json(text="kept")])
     first.close()
     again = LogStore(tmp_path / "logs.db", 1 << 20)
     assert again.read("default", "svc", 5)[0]["textPayload"] == "kept"
@@ -145,15 +152,14 @@ async def test_followers_get_their_services_entries_and_end_on_close() -> None:
     assert await mine.get() is None
 
 
-def _record(status: int = 200, latency: float = 0.05) -> RequestRecord:
+def _record(status: int = 200, latency: float = 0.05, end: float = 100.0) -> RequestRecord:
     return RequestRecord(
-        "svc", "rev-1", "i1", "GET", "/x", status, latency, 0, 5, "127.0.0.1", "ua", "abc"
+        end, "svc", "rev-1", "i1", b"GET", b"/x", status, latency, 0, 5, "127.0.0.1", b"ua", b"abc"
     )
 
 
 async def test_the_writer_stores_request_entries_in_batches(store: LogStore) -> None:
-    clock = iter(float(t) for t in range(100, 200))
-    telemetry = Telemetry(store, wall=lambda: next(clock))
+    telemetry = Telemetry(store)
     telemetry.request_done(_record(503, 0.25))
     assert store.read("default", "svc", 5) == []  # nothing written on the request's path
     await telemetry.flush()
@@ -191,7 +197,9 @@ async def test_the_flush_task_runs_without_being_asked(store: LogStore) -> None:
 
 def test_metrics_show_requests_latency_and_the_recent_summary() -> None:
     metrics = Metrics()
-    metrics.observe_requests([(100.0 + i, _record(200, i / 100)) for i in range(1, 101)])
+    metrics.observe_requests(
+        columns_of([_record(200, i / 100, end=100.0 + i) for i in range(1, 101)])
+    )
     metrics.observe_start("svc", "rev-1", 0.7, 150.0)
     text = metrics.render()
     assert 'cloudlet_requests_total{service="svc",revision="rev-1",code_class="2xx"} 100.0' in text

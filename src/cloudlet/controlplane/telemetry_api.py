@@ -77,7 +77,7 @@ def _log_routes(app: FastAPI, telemetry: Telemetry) -> None:
     ) -> dict[str, Any]:
         since = telemetry.now() - parse_freshness(freshness) if freshness else None
         predicate = parse_filter(filter) if filter else None
-        await telemetry.flush()
+        await telemetry.sync()
         entries = await store.run(store.read, namespace, service, _limit(limit), since, predicate)
         return {"entries": entries}
 
@@ -99,7 +99,7 @@ def _log_routes(app: FastAPI, telemetry: Telemetry) -> None:
 
     @app.get(BASE + "/services/{service}/metrics")
     async def service_metrics(namespace: str, service: str) -> dict[str, Any]:
-        await telemetry.flush()
+        await telemetry.sync()
         summary = telemetry.metrics.summary(service, telemetry.now())
         summary["instances"] = telemetry.instance_count(namespace, service)
         return summary
@@ -136,7 +136,7 @@ async def _usage(
     telemetry: Telemetry, namespace: str, since: float, service: str | None
 ) -> tuple[list[Span], dict[tuple[str, str], int]]:
     """Stored and in-progress spans (clipped to ``since``) and request counts."""
-    await telemetry.flush()
+    await telemetry.sync()
     store = telemetry.store
     rows, counts = await store.run(store.usage, namespace, since, service)
     spans = [Span(*row) for row in rows]

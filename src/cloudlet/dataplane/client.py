@@ -487,8 +487,12 @@ class RouterProtocol(asyncio.Protocol):
 
     def exchange_done(self, exchange: Exchange, close: bool) -> None:
         """The response is out: record it, then serve the next request or close."""
-        if self.table.on_request_done is not None:
-            self._record(exchange)
+        hook = self.table.on_request_done
+        if hook is not None:
+            try:
+                hook(exchange.record(self.ip))
+            except Exception:
+                log.exception("the request-done hook failed")
         if exchange is not self._active:
             return
         self._active = None

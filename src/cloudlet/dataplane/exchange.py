@@ -357,27 +357,28 @@ class Exchange(Ticket):
             self.client.unblock_reading(UPSTREAM_FULL)
 
     def record(self, remote_ip: str) -> RequestRecord:
-        """What request logs and metrics keep of this request."""
+        """What request logs and metrics keep of this request (raw; see RequestRecord)."""
         endpoint = self.endpoint
         backend = self.backend
-        trace_id = self.trace_id
-        if isinstance(trace_id, int):
-            trace_text: str | None = f"{trace_id:032x}"
-        else:
-            trace_text = trace_id.decode() if trace_id is not None else None
-        return RequestRecord(
-            service=endpoint.service if endpoint is not None else None,
-            revision=endpoint.revision if endpoint is not None else None,
-            backend=backend.id if backend is not None else None,
-            method=self.method.decode("latin-1"),
-            url=self.url.decode("latin-1"),
-            status=self.status,
-            latency=time.monotonic() - self.t0 if self.t0 else 0.0,
-            request_bytes=self.req_bytes,
-            response_bytes=self.resp_bytes,
-            remote_ip=remote_ip,
-            user_agent=self.user_agent.decode("latin-1") if self.user_agent is not None else None,
-            trace_id=trace_text,
+        t0 = self.t0
+        # tuple.__new__ skips the NamedTuple's Python-level __new__ (the hot path)
+        return tuple.__new__(
+            RequestRecord,
+            (
+                time.time(),
+                endpoint.service if endpoint is not None else None,
+                endpoint.revision if endpoint is not None else None,
+                backend.id if backend is not None else None,
+                self.method,
+                self.url,
+                self.status,
+                time.monotonic() - t0 if t0 else 0.0,
+                self.req_bytes,
+                self.resp_bytes,
+                remote_ip,
+                self.user_agent,
+                self.trace_id,
+            ),
         )
 
     # -- endings ------------------------------------------------------------------------------

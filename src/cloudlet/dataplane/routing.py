@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from cloudlet.dataplane.activator import RevisionEndpoint
 
@@ -46,23 +46,34 @@ class ServiceRoute:
             raise ValueError(f"route of {self.service}: target percents sum to {total}, not 100")
 
 
-@dataclass(frozen=True, slots=True)
-class RequestRecord:
-    """One finished request, for request logs and metrics."""
+class RequestRecord(NamedTuple):
+    """One finished request as the router saw it, for request logs and metrics. Values are
+    kept as they came off the wire (bytes, the trace id as an int when the router made it):
+    the hot path only collects them, and the log writer decodes them in its own process."""
 
+    end: float
+    """Wall-clock time of the last response byte."""
     service: str | None
     revision: str | None
     backend: str | None
-    method: str
-    url: str
+    method: bytes
+    url: bytes
     status: int
     latency: float
     """Seconds from the request head's arrival to the last response byte."""
     request_bytes: int
     response_bytes: int
     remote_ip: str
-    user_agent: str | None
-    trace_id: str | None
+    user_agent: bytes | None
+    trace: int | bytes | None
+    """The W3C trace id: an int when the router started the trace, else the caller's hex."""
+
+
+def trace_text(trace: int | bytes | None) -> str | None:
+    """A record's trace id as 32 hex digits (None when it has none)."""
+    if isinstance(trace, int):
+        return f"{trace:032x}"
+    return trace.decode("latin-1") if trace is not None else None
 
 
 def pick_weighted(targets: Sequence[tuple[T, int]], r: float) -> T:

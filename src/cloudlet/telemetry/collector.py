@@ -2,9 +2,10 @@
 router's request records, the billing meters, and the batch writer that stores them.
 
 The router's hooks only append to memory (``request_done``) or flip a meter's state
-(``backend_busy``/``backend_idle``); a background task turns the buffer into log entries,
-metrics and stored usage every ``flush_interval`` seconds, or sooner when it fills. A full
-buffer drops records and counts them; it never blocks the router.
+(``backend_busy``/``backend_idle``); every ``flush_interval`` seconds a background task
+feeds the metrics and hands the batch to the sink, in the server the log writer process
+(``writer.LogWriter``), which decodes and stores it off the router's loop. Records past
+the buffer limit at a flush are dropped and counted; the router never waits.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -23,41 +23,26 @@ from cloudlet.runtimes.base import InstanceInfo, Runtime, RuntimeFailure
 from cloudlet.telemetry.billing import GIB, InstanceMeter, RevisionShape, Span
 from cloudlet.telemetry.logs import (
     SYSTEM,
+    Batch,
     Followers,
     LogEntry,
     LogStore,
-    RequestRow,
+    columns_of,
+    pack_requests,
     parse_line,
     request_json,
+    request_row,
 )
 from cloudlet.telemetry.metrics import Family, Metrics
+from cloudlet.telemetry.writer import InlineSink, Sink
 
 if TYPE_CHECKING:
     from cloudlet.autoscaler.reconciler import RevisionRun
 
 log = logging.getLogger("cloudlet.telemetry")
 Clock = Callable[[], float]
-WRITE_CHUNK = 1000
-
-
-def request_row(end: float, r: RequestRecord, namespace: str) -> RequestRow:
-    """The stored form of a finished request (see ``logs.RequestRow``)."""
-    return (
-        end - r.latency,
-        namespace,
-        r.service or "",
-        r.revision or "",
-        r.backend or "",
-        r.method,
-        r.url,
-        r.status,
-        r.latency,
-        r.request_bytes,
-        r.response_bytes,
-        r.remote_ip,
-        r.user_agent,
-        r.trace_id,
-    )
+BATCH_RECORDS = 2000
+"""Request records per batch handed to the sink (each is pickled on the loop)."""
 
 
 def shape_of(run: RevisionRun) -> RevisionShape:
@@ -82,20 +67,24 @@ class Telemetry:
         *,
         wall: Clock = time.time,
         flush_interval: float = 0.5,
-        flush_size: int = 5000,
         buffer_limit: int = 100_000,
         install_hooks: Callable[[RevisionEndpoint], None] | None = None,
+        sink: Sink | None = None,
     ) -> None:
         self.store = store
+        self.sink: Sink = sink if sink is not None else InlineSink(store)
         self.runtime = runtime
         self.metrics = Metrics()
         self.followers = Followers()
         self._wall = wall
         self._interval = flush_interval
-        self._flush_size = flush_size
         self._limit = buffer_limit
         self.install_hooks = install_hooks
-        self._requests: deque[tuple[float, RequestRecord]] = deque()
+        self._requests: list[RequestRecord] = []
+        self.request_done: Callable[[RequestRecord], None] = self._requests.append
+        """The router's hook for each finished request: a bare list append (no Python
+        frame on the hot path); ``flush`` empties the list in place and enforces the
+        buffer limit."""
         self._entries: list[LogEntry] = []
         self._spans: list[tuple[str, Span]] = []
         self._runs: dict[str, RevisionRun] = {}
@@ -103,19 +92,9 @@ class Telemetry:
         """The revisions running now (the server points this at the reconciler's)."""
         self._meters: dict[str, tuple[str, InstanceMeter]] = {}
         self._pumps: dict[str, asyncio.Task[None]] = {}
-        self._wake = asyncio.Event()
         self.dropped = 0
 
     # -- the router's hooks (hot path: O(1), no I/O) ------------------------------------------
-
-    def request_done(self, record: RequestRecord) -> None:
-        requests = self._requests
-        if len(requests) >= self._limit:
-            self.dropped += 1
-            return
-        requests.append((self._wall(), record))
-        if len(requests) == self._flush_size:
-            self._wake.set()
 
     def backend_busy(self, backend_id: str) -> None:
         pair = self._meters.get(backend_id)
@@ -255,73 +234,67 @@ class Telemetry:
     # -- the batch writer ---------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Flush every ``flush_interval`` seconds (sooner when the buffer fills)."""
+        """Flush every ``flush_interval`` seconds."""
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._interval)
-            self._wake.clear()
+            await asyncio.sleep(self._interval)
             try:
                 await self.flush()
             except Exception:  # a bad batch must not stop logging for good
                 log.exception("flushing telemetry failed")
 
     async def flush(self) -> None:
-        """Store what the buffers hold, feed metrics and followers."""
-        batch = list(self._requests)
+        """Feed metrics and followers from the buffers and hand them to the sink."""
+        records = self._requests[:]
         self._requests.clear()
+        if len(records) > self._limit:
+            self.dropped += len(records) - self._limit
+            del records[self._limit :]
         entries, self._entries = self._entries, []
         for namespace, meter in self._meters.values():
             if meter.closed:
                 self._take_spans(namespace, meter)
         spans, self._spans = self._spans, []
+        rows = [e.to_json() for e in entries]
+        runs = self._runs
+        for i in range(0, max(len(records), 1), BATCH_RECORDS):
+            if i:
+                await asyncio.sleep(0)  # each batch is pickled on the loop: let the router in
+            chunk = records[i : i + BATCH_RECORDS]
+            columns = columns_of(chunk)
+            self.metrics.observe_requests(columns)
+            revisions = set(columns.revision)
+            namespaces = {r: runs[r].namespace for r in revisions if r is not None and r in runs}
+            body = pack_requests(columns, namespaces) if chunk else None
+            if i == 0 and (rows or spans or body):
+                self._submit(Batch(rows, body, _span_rows(spans)), len(chunk))
+            elif body is not None:
+                self._submit(Batch([], body, []), len(chunk))
+        self._publish(rows, records)
         if self.dropped:
             self.metrics.dropped.inc((), self.dropped)
             self.dropped = 0
-        self.metrics.observe_requests(batch)
-        rows = [e.to_json() for e in entries]
-        requests, counts = self._request_rows(batch)
-        if rows or requests:
-            await self._write(rows, requests)
-            self._publish(rows, requests)
-        if spans or counts:
-            self.store.write_usage(_span_rows(spans), counts)
 
-    async def _write(self, rows: list[dict[str, Any]], requests: list[RequestRow]) -> None:
-        """Store in chunks on the loop's own thread, yielding between them: a writer thread
-        would fight the router for the GIL (the convoy effect costs far more than the
-        writes), and small chunks keep each pause of the loop to a millisecond or two."""
-        for i in range(0, max(len(rows), len(requests)), WRITE_CHUNK):
-            self.store.write(rows[i : i + WRITE_CHUNK], requests[i : i + WRITE_CHUNK])
-            await asyncio.sleep(0)
+    async def sync(self) -> None:
+        """Flush, then wait until everything flushed is stored (reads see it after)."""
+        await self.flush()
+        await self.sink.sync()
 
-    def _publish(self, rows: list[dict[str, Any]], requests: list[RequestRow]) -> None:
+    def _submit(self, batch: Batch, records: int) -> None:
+        if not self.sink.submit(batch):
+            self.dropped += records
+            log.warning("the log writer is behind: dropped %d request records", records)
+
+    def _publish(self, rows: list[dict[str, Any]], records: list[RequestRecord]) -> None:
         wanted = self.followers.wanted()
-        if wanted:
-            followed = [request_json(r) for r in requests if (r[1], r[2]) in wanted]
-            self.followers.publish(sorted(rows + followed, key=lambda e: str(e["timestamp"])))
-
-    def _namespace(self, revision: str | None) -> str:
-        run = self._runs.get(revision or "")
-        return run.namespace if run is not None else "default"
-
-    def _request_rows(
-        self, batch: list[tuple[float, RequestRecord]]
-    ) -> tuple[list[RequestRow], dict[tuple[str, str, str, int], int]]:
-        """Stored rows of a batch's requests and their counts per revision and hour."""
-        rows: list[RequestRow] = []
-        counts: dict[tuple[str, str, str, int], int] = {}
-        namespaces: dict[str, str] = {}
-        for end, r in batch:
-            service, revision = r.service, r.revision
-            if not service or not revision:
-                continue  # unknown host: no service to log it under
-            ns = namespaces.get(revision)
-            if ns is None:
-                ns = namespaces[revision] = self._namespace(revision)
-            rows.append(request_row(end, r, ns))
-            key = (ns, service, revision, int(end // 3600))
-            counts[key] = counts.get(key, 0) + 1
-        return rows, counts
+        if not wanted:
+            return
+        followed = []
+        for r in records:
+            run = self._runs.get(r.revision or "")
+            namespace = run.namespace if run is not None else "default"
+            if r.service and r.revision and (namespace, r.service) in wanted:
+                followed.append(request_json(request_row(r, namespace)))
+        self.followers.publish(sorted(rows + followed, key=lambda e: str(e["timestamp"])))
 
     def _take_spans(self, namespace: str, meter: InstanceMeter) -> None:
         for span in meter.take_closed():
@@ -395,6 +368,7 @@ class Telemetry:
             self._take_spans(namespace, meter)
         self._meters.clear()
         await self.flush()
+        await self.sink.close()
 
 
 def _span_rows(spans: list[tuple[str, Span]]) -> list[tuple[Any, ...]]:

@@ -13,15 +13,18 @@ import asyncio
 import contextlib
 import heapq
 import json
+import pickle
 import re
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
+from cloudlet.dataplane.routing import RequestRecord, trace_text
 from cloudlet.domain.errors import InvalidError
 
 T = TypeVar("T")
@@ -106,6 +109,27 @@ RequestRow = tuple[
 """(start, namespace, service, revision, instance, method, url, status, latency,
 request bytes, response bytes, remote ip, user agent, trace id): a request log entry as
 stored, compact so the batch writer stays cheap; ``request_json`` makes the entry."""
+
+
+def request_row(r: RequestRecord, namespace: str) -> RequestRow:
+    """The stored form of a finished request, decoded from the router's raw record."""
+    user_agent = r.user_agent
+    return (
+        r.end - r.latency,
+        namespace,
+        r.service or "",
+        r.revision or "",
+        r.backend or "",
+        r.method.decode("latin-1"),
+        r.url.decode("latin-1"),
+        r.status,
+        r.latency,
+        r.request_bytes,
+        r.response_bytes,
+        r.remote_ip,
+        user_agent.decode("latin-1") if user_agent is not None else None,
+        trace_text(r.trace),
+    )
 
 
 def request_json(row: RequestRow) -> dict[str, Any]:
@@ -279,20 +303,26 @@ CREATE TABLE IF NOT EXISTS entries (
   body TEXT NOT NULL
 );
 DROP INDEX IF EXISTS entries_service;
-CREATE TABLE IF NOT EXISTS requests (
+DROP TABLE IF EXISTS requests;
+CREATE TABLE IF NOT EXISTS request_chunks (
   id INTEGER PRIMARY KEY,
-  ts REAL NOT NULL, namespace TEXT NOT NULL, service TEXT NOT NULL, revision TEXT NOT NULL,
-  instance TEXT NOT NULL, method TEXT NOT NULL, url TEXT NOT NULL, status INTEGER NOT NULL,
-  latency REAL NOT NULL, request_bytes INTEGER NOT NULL, response_bytes INTEGER NOT NULL,
-  remote_ip TEXT NOT NULL, user_agent TEXT, trace TEXT
+  last_ts REAL NOT NULL,
+  count INTEGER NOT NULL,
+  body BLOB NOT NULL
 );
-DROP INDEX IF EXISTS requests_service;
+CREATE TABLE IF NOT EXISTS chunk_services (
+  namespace TEXT NOT NULL, service TEXT NOT NULL, chunk INTEGER NOT NULL,
+  PRIMARY KEY (namespace, service, chunk)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS spans (
   namespace TEXT NOT NULL, service TEXT NOT NULL, revision TEXT NOT NULL,
   instance TEXT NOT NULL, start REAL NOT NULL, end REAL NOT NULL,
   cpu REAL NOT NULL, memory_gib REAL NOT NULL, mode TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS spans_end ON spans (end);
+CREATE TABLE IF NOT EXISTS writer_frames (
+  epoch TEXT PRIMARY KEY, seq INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS request_counts (
   namespace TEXT NOT NULL, service TEXT NOT NULL, revision TEXT NOT NULL,
   hour INTEGER NOT NULL, count INTEGER NOT NULL,
@@ -300,26 +330,84 @@ CREATE TABLE IF NOT EXISTS request_counts (
 );
 """
 SCAN_LIMIT = 200_000
-"""Newest rows of each table a read looks at, at most, to find ``limit`` matches. The
-tables have no secondary index (it would cost every write more than it saves reads);
-rows are in arrival order, so the newest are the last ids."""
+"""Newest entries a read looks at, at most, to find ``limit`` matches. The table has no
+secondary index (it would cost every write more than it saves reads); rows are in
+arrival order, so the newest are the last ids."""
+CHUNK_SCAN_LIMIT = 500
+"""Newest request chunks of a service a read decodes, at most."""
+
+
+class RequestColumns(NamedTuple):
+    """A batch of the router's request records as columns: a few long tuples pickle, and
+    feed counters, far faster than many short ones."""
+
+    end: tuple[float, ...]
+    service: tuple[str | None, ...]
+    revision: tuple[str | None, ...]
+    backend: tuple[str | None, ...]
+    method: tuple[bytes, ...]
+    url: tuple[bytes, ...]
+    status: tuple[int, ...]
+    latency: tuple[float, ...]
+    request_bytes: tuple[int, ...]
+    response_bytes: tuple[int, ...]
+    remote_ip: tuple[str, ...]
+    user_agent: tuple[bytes | None, ...]
+    trace: tuple[int | bytes | None, ...]
+
+    def records(self) -> Iterator[RequestRecord]:
+        for values in zip(*self, strict=True):
+            yield tuple.__new__(RequestRecord, values)
+
+
+NO_REQUESTS = RequestColumns((), (), (), (), (), (), (), (), (), (), (), (), ())
+
+
+def columns_of(records: list[RequestRecord]) -> RequestColumns:
+    if not records:
+        return NO_REQUESTS
+    return tuple.__new__(RequestColumns, zip(*records, strict=True))
+
+
+def pack_requests(columns: RequestColumns, namespaces: dict[str, str]) -> bytes:
+    """A chunk of request records as stored: pickled columns and the revisions'
+    namespaces (decoded only when someone reads the logs)."""
+    return pickle.dumps((tuple(columns), namespaces), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def unpack_requests(body: bytes) -> tuple[RequestColumns, dict[str, str]]:
+    columns, namespaces = pickle.loads(body)
+    return tuple.__new__(RequestColumns, columns), namespaces
+
+
+class Batch(NamedTuple):
+    """What the telemetry hub hands the log writer every flush."""
+
+    entries: list[dict[str, Any]]
+    """Log entries as Cloud Logging shows them."""
+    requests: bytes | None
+    """Request records (``pack_requests``), stored as they are."""
+    spans: list[tuple[Any, ...]]
+    """Closed billing spans (namespace, service, revision, instance, start, end, cpu,
+    memory GiB, mode)."""
 
 
 class LogStore:
     """The telemetry database (logs.db): entries under a size cap, billing spans, request
-    counts. Writes use one connection on the caller's (the event loop's) thread, in small
-    batches; reads use a second connection, through ``run`` on a worker thread (WAL lets
-    them proceed while a write is in progress)."""
+    counts. ``apply`` stores a batch in one transaction; the server calls it only in its
+    log writer process (``cloudlet.telemetry.writer``), so no write runs on the router's
+    loop. Reads use a second connection, through ``run`` on a worker thread (WAL lets
+    them proceed while the writer writes)."""
 
     def __init__(self, path: Path, max_bytes: int) -> None:
         self.path = path
         self.max_bytes = max_bytes
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db = _connect(path)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(f"PRAGMA journal_size_limit={max(1 << 20, max_bytes // 4)}")
         self._db.executescript(_SCHEMA)
-        self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._reader = _connect(path)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloudlet-logs")
         self.dropped_for_space = 0
 
@@ -334,7 +422,7 @@ class LogStore:
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN")
+        self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
         except BaseException:
@@ -342,30 +430,65 @@ class LogStore:
             raise
         self._db.execute("COMMIT")
 
-    def write(self, entries: list[dict[str, Any]], requests: Sequence[RequestRow] = ()) -> None:
-        """Append entries (Cloud Logging JSON) and request rows, then enforce the size cap."""
-        rows = [
-            (
-                parse_time(e["timestamp"]) or 0.0,
-                e["resource"]["labels"]["namespace"],
-                e["resource"]["labels"]["service_name"],
-                SEVERITIES.get(e["severity"], 0),
-                json.dumps(e, separators=(",", ":")),
-            )
-            for e in entries
-        ]
+    def apply(self, batch: Batch, epoch: str = "", seq: int = 0) -> None:
+        """Store a batch in one transaction, then enforce the size cap. Request records
+        are stored as the chunk they came in, indexed by the services they belong to, and
+        counted per revision and hour for billing. With an ``epoch`` (one per log writer
+        session) the batch's ``seq`` is stored with it, so a batch resent after the
+        writer crashed is recognised (``applied``) and not stored twice."""
+        entries = [_entry_row(e) for e in batch.entries]
         with self._tx() as db:
             db.executemany(
                 "INSERT INTO entries (ts, namespace, service, severity, body) VALUES (?,?,?,?,?)",
-                rows,
+                entries,
             )
-            db.executemany(
-                "INSERT INTO requests (ts, namespace, service, revision, instance, method, url, "
-                "status, latency, request_bytes, response_bytes, remote_ip, user_agent, trace) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                requests,
-            )
-        self.enforce_cap()
+            if batch.requests is not None:
+                self._insert_chunk(db, batch.requests)
+            db.executemany("INSERT INTO spans VALUES (?,?,?,?,?,?,?,?,?)", batch.spans)
+            if epoch:
+                db.execute(
+                    "INSERT INTO writer_frames VALUES (?, ?) "
+                    "ON CONFLICT (epoch) DO UPDATE SET seq = excluded.seq",
+                    (epoch, seq),
+                )
+        if entries or batch.requests is not None:
+            self.enforce_cap()
+
+    @staticmethod
+    def _insert_chunk(db: sqlite3.Connection, body: bytes) -> None:
+        columns, namespaces = unpack_requests(body)
+        hours = map(int, map((3600.0).__rfloordiv__, columns.end))
+        counts = Counter(zip(columns.service, columns.revision, hours, strict=True))
+        chunk = db.execute(
+            "INSERT INTO request_chunks (last_ts, count, body) VALUES (?,?,?)",
+            (max(columns.end, default=0.0), len(columns.end), body),
+        ).lastrowid
+        services = {
+            (namespaces.get(revision, "default"), service)
+            for service, revision, _ in counts
+            if service and revision
+        }
+        db.executemany(
+            "INSERT INTO chunk_services VALUES (?,?,?)", [(*pair, chunk) for pair in services]
+        )
+        db.executemany(
+            "INSERT INTO request_counts VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE "
+            "SET count = count + excluded.count",
+            [
+                (namespaces.get(revision, "default"), service, revision, hour, n)
+                for (service, revision, hour), n in counts.items()
+                if service and revision
+            ],
+        )
+
+    def applied(self, epoch: str) -> int:
+        """The last batch number of this writer session that is stored (0: none)."""
+        row = self._db.execute("SELECT seq FROM writer_frames WHERE epoch=?", (epoch,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def forget_sessions(self, keep: str) -> None:
+        """Drop the batch numbers of other writer sessions (they have ended)."""
+        self._db.execute("DELETE FROM writer_frames WHERE epoch != ?", (keep,))
 
     def used_bytes(self) -> int:
         pages = self._db.execute("PRAGMA page_count").fetchone()[0]
@@ -380,7 +503,7 @@ class LogStore:
                 return
             dropped = 0
             with self._tx() as db:
-                for table in ("entries", "requests"):
+                for table in ("entries", "request_chunks"):
                     count = db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
                     drop = (count + 9) // 10
                     db.execute(
@@ -389,6 +512,10 @@ class LogStore:
                         (drop,),
                     )
                     dropped += drop
+                db.execute(
+                    "DELETE FROM chunk_services WHERE chunk < "
+                    "(SELECT coalesce(min(id), 1 << 62) FROM request_chunks)"
+                )
             if dropped == 0:
                 return
             self.dropped_for_space += dropped
@@ -402,26 +529,17 @@ class LogStore:
         predicate: Predicate | None = None,
     ) -> list[dict[str, Any]]:
         """Newest first: up to ``limit`` entries of a service at or after ``since``."""
-        where = (
-            "WHERE id > (SELECT coalesce(max(id), 0) FROM {table}) - ? "
-            "AND namespace=? AND service=? AND ts>=? ORDER BY id DESC"
-        )
-        args = (SCAN_LIMIT, namespace, service, since or 0)
+        since = since or 0
         logged = (
             (ts, json.loads(body))
             for ts, body in self._reader.execute(
-                "SELECT ts, body FROM entries " + where.format(table="entries"), args
+                "SELECT ts, body FROM entries "
+                "WHERE id > (SELECT coalesce(max(id), 0) FROM entries) - ? "
+                "AND namespace=? AND service=? AND ts>=? ORDER BY id DESC",
+                (SCAN_LIMIT, namespace, service, since),
             )
         )
-        requests = (
-            (row[0], request_json(row))
-            for row in self._reader.execute(
-                "SELECT ts, namespace, service, revision, instance, method, url, status, "
-                "latency, request_bytes, response_bytes, remote_ip, user_agent, trace "
-                "FROM requests " + where.format(table="requests"),
-                args,
-            )
-        )
+        requests = self._requests(namespace, service, since)
         found: list[dict[str, Any]] = []
         for _, entry in heapq.merge(logged, requests, key=lambda pair: pair[0], reverse=True):
             if predicate is None or predicate(entry):
@@ -431,17 +549,28 @@ class LogStore:
         found.sort(key=lambda e: str(e["timestamp"]), reverse=True)
         return found
 
-    def write_usage(
-        self, spans: list[tuple[Any, ...]], counts: dict[tuple[str, str, str, int], int]
-    ) -> None:
-        """Closed billing spans and per-hour request counts."""
-        with self._tx() as db:
-            db.executemany("INSERT INTO spans VALUES (?,?,?,?,?,?,?,?,?)", spans)
-            db.executemany(
-                "INSERT INTO request_counts VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE "
-                "SET count = count + excluded.count",
-                [(*key, n) for key, n in counts.items()],
-            )
+    def _requests(
+        self, namespace: str, service: str, since: float
+    ) -> Iterator[tuple[float, dict[str, Any]]]:
+        """(start, entry) of a service's requests that ended at or after ``since``, the
+        newest chunks first, each chunk's requests newest first."""
+        chunks = self._reader.execute(
+            "SELECT c.body FROM chunk_services s JOIN request_chunks c ON c.id = s.chunk "
+            "WHERE s.namespace=? AND s.service=? AND c.last_ts>=? ORDER BY s.chunk DESC LIMIT ?",
+            (namespace, service, since, CHUNK_SCAN_LIMIT),
+        )
+        for (body,) in chunks:
+            columns, namespaces = unpack_requests(body)
+            rows = [
+                request_row(r, namespace)
+                for r in columns.records()
+                if r.service == service
+                and r.revision
+                and r.end >= since
+                and namespaces.get(r.revision, "default") == namespace
+            ]
+            rows.sort(key=lambda row: row[0], reverse=True)
+            yield from ((row[0], request_json(row)) for row in rows)
 
     def usage(
         self, namespace: str, since: float, service: str | None
@@ -465,6 +594,23 @@ class LogStore:
             args,
         ).fetchall()
         return spans, counts
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    db.execute("PRAGMA busy_timeout=10000")  # the writer process and readers share the file
+    return db
+
+
+def _entry_row(e: dict[str, Any]) -> tuple[float, str, str, int, str]:
+    labels = e["resource"]["labels"]
+    return (
+        parse_time(e["timestamp"]) or 0.0,
+        labels["namespace"],
+        labels["service_name"],
+        SEVERITIES.get(e["severity"], 0),
+        json.dumps(e, separators=(",", ":")),
+    )
 
 
 class Followers:

@@ -9,13 +9,14 @@ live objects when scraped.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
-from collections import deque
-from collections.abc import Iterable
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudlet.dataplane.routing import RequestRecord
+from cloudlet.telemetry.logs import RequestColumns
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 STARTUP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 240.0)
@@ -55,6 +56,17 @@ class Histogram:
             self.counts[index] += 1
         self.total += value
         self.count += 1
+
+    def observe_many(self, values: Sequence[float]) -> None:
+        if not self.counts:
+            self.counts = [0] * len(self.buckets)
+        counts = self.counts
+        bucket_of = functools.partial(bisect.bisect_left, self.buckets)
+        for index, n in Counter(map(bucket_of, values)).items():
+            if index < len(counts):
+                counts[index] += n
+        self.total += math.fsum(values)
+        self.count += len(values)
 
     def lines(self, name: str, labels: Labels) -> Iterable[str]:
         running = 0
@@ -129,31 +141,54 @@ class Metrics:
             "Request records dropped because the log buffer was full.",
         )
         self.dropped.values[()] = 0.0
-        self.recent: dict[str, deque[tuple[float, float]]] = {}
+        self.recent: dict[str, tuple[deque[float], deque[float]]] = {}
+        """Service → (end times, latencies) of its latest requests (two deques of floats:
+        no tuple per request)."""
         self.recent_starts: dict[str, deque[float]] = {}
 
-    def observe_requests(self, batch: Iterable[tuple[float, RequestRecord]]) -> None:
-        """A flushed batch of (wall end time, record)."""
-        counts: dict[tuple[str, str, int], int] = {}
-        latencies: dict[tuple[str, str], list[float]] = {}
-        for end, record in batch:
-            service, revision, latency = record.service or "", record.revision or "", record.latency
-            key = (service, revision, record.status // 100)
-            counts[key] = counts.get(key, 0) + 1
-            latencies.setdefault((service, revision), []).append(latency)
+    def observe_requests(self, columns: RequestColumns) -> None:
+        """A flushed batch of the router's request records, as columns: each revision's
+        share is counted with C-level iteration (no Python code per request)."""
+        pairs = set(zip(columns.service, columns.revision, strict=True))
+        if len(pairs) == 1:
+            [(service, revision)] = pairs
+            self._observe(service or "", revision or "", columns.status, columns.latency)
             if service:
-                recent = self.recent.get(service)
-                if recent is None:
-                    recent = self.recent[service] = deque(maxlen=RECENT_SAMPLES)
-                recent.append((end, latency))
-        for (service, revision, klass), n in counts.items():
-            labels = (("service", service), ("revision", revision))
+                ends, latencies = self._recent(service)
+                ends.extend(columns.end)
+                latencies.extend(columns.latency)
+            return
+        for service, revision in pairs:
+            picked = [
+                i
+                for i, pair in enumerate(zip(columns.service, columns.revision, strict=True))
+                if pair == (service, revision)
+            ]
+            latency = [columns.latency[i] for i in picked]
+            self._observe(
+                service or "", revision or "", [columns.status[i] for i in picked], latency
+            )
+            if service:
+                ends, latencies = self._recent(service)
+                ends.extend(columns.end[i] for i in picked)
+                latencies.extend(latency)
+
+    def _observe(
+        self, service: str, revision: str, statuses: Sequence[int], latencies: Sequence[float]
+    ) -> None:
+        labels = (("service", service), ("revision", revision))
+        for klass, n in Counter(map((100).__rfloordiv__, statuses)).items():
             self.requests.inc((*labels, ("code_class", code_class(klass * 100))), n)
-        for (service, revision), values in latencies.items():
-            labels = (("service", service), ("revision", revision))
-            observe = self.latency.histogram(labels, LATENCY_BUCKETS).observe
-            for value in values:
-                observe(value)
+        self.latency.histogram(labels, LATENCY_BUCKETS).observe_many(latencies)
+
+    def _recent(self, service: str) -> tuple[deque[float], deque[float]]:
+        recent = self.recent.get(service)
+        if recent is None:
+            recent = self.recent[service] = (
+                deque(maxlen=RECENT_SAMPLES),
+                deque(maxlen=RECENT_SAMPLES),
+            )
+        return recent
 
     def observe_start(self, service: str, revision: str, startup: float, now: float) -> None:
         labels = (("service", service), ("revision", revision))
@@ -176,7 +211,8 @@ class Metrics:
     def summary(self, service: str, now: float, window: float = RECENT_WINDOW) -> dict[str, Any]:
         """Requests/s, latency percentiles and cold starts of the last ``window`` seconds."""
         since = now - window
-        latencies = sorted(lat for end, lat in self.recent.get(service, ()) if end >= since)
+        ends, latencies_of = self.recent.get(service, ((), ()))
+        latencies = sorted(lat for end, lat in zip(ends, latencies_of, strict=True) if end >= since)
         starts = sum(1 for t in self.recent_starts.get(service, ()) if t >= since)
         return {
             "window_seconds": window,
