@@ -189,3 +189,30 @@ def test_a_malformed_policy_member_is_refused(manager: ServiceManager) -> None:
             "hello",
             {"bindings": [{"role": "roles/run.invoker", "members": ["everyone"]}]},
         )
+
+
+def test_derived_status_times_change_only_when_something_changes(tmp_path: Path) -> None:
+    now = [1e9]
+    manager = ServiceManager(
+        Store(tmp_path / "db.sqlite"), Urls("localhost", 8080), clock=lambda: now[0]
+    )
+    revision = manager.create_service("default", service())["status"]["latestCreatedRevisionName"]
+    now[0] += 10
+    manager.set_revision_status("default", revision, "True")
+    now[0] += 100
+    first = manager.get_service("default", "hello")
+    now[0] += 100
+    manager.set_revision_status("default", revision, "True")  # the same verdict, reported again
+    second = manager.get_service("default", "hello")
+    assert first["status"] == second["status"]
+    assert first["metadata"]["resourceVersion"] == second["metadata"]["resourceVersion"]
+    times = {c["type"]: c["lastTransitionTime"] for c in second["status"]["conditions"]}
+    assert times == dict.fromkeys(("Ready", "ConfigurationsReady", "RoutesReady"), times["Ready"])
+    assert times["Ready"] == "2001-09-09T01:46:50.000000Z"  # when the revision became ready
+    now[0] += 50
+    manager.set_revision_status("default", revision, "False", "ExitCode", "exited with code 1")
+    failed = manager.get_service("default", "hello")["status"]["conditions"][0]
+    assert (failed["status"], failed["lastTransitionTime"]) == (
+        "False",
+        "2001-09-09T01:51:00.000000Z",
+    )

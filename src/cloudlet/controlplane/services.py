@@ -337,8 +337,8 @@ class ServiceManager:
         return resolve(targets, ready.name if ready else None)
 
     def _status(self, record: Record) -> dict[str, Any]:
-        now = timestamp(self._clock())
         created, ready = self._latest(record)
+        now = _last_change(record, created, ready)
         targets = [TrafficTarget.model_validate(t) for t in record.body["spec"]["traffic"]]
         resolved = resolve(targets, ready.name if ready else None)
         config = st.configuration_condition(created.body if created else None, now)
@@ -435,9 +435,16 @@ class ServiceManager:
             return
         body = dict(record.body)
         status = dict(body.get("status", {}))
-        status["conditions"] = [
-            st.condition("Ready", ready, reason, message, timestamp(self._clock()))
-        ]
+        before = st.ready_condition(body)
+        verdict = st.condition("Ready", ready, reason, message)
+        unchanged = all(before.get(k) == verdict.get(k) for k in ("status", "reason", "message"))
+        if unchanged and "lastTransitionTime" in before:
+            if not image_digest or status.get("imageDigest") == image_digest:
+                return  # the same verdict again: no write, no change for watchers
+            verdict["lastTransitionTime"] = before["lastTransitionTime"]
+        else:
+            verdict["lastTransitionTime"] = timestamp(self._clock())
+        status["conditions"] = [verdict]
         if image_digest:
             status["imageDigest"] = image_digest
         body["status"] = status
@@ -492,6 +499,21 @@ def _key_text(key: dict[str, Any]) -> str:
 
 def _next_number(revisions: list[Record]) -> int:
     return 1 + max((_generation(r) for r in revisions), default=0)
+
+
+def _last_change(*records: Record | None) -> str:
+    """When the inputs of a service's derived status last changed: the newest creation or
+    Ready transition among the service and its latest revisions. Reading the status twice
+    gives the same lastTransitionTime (watchers see no change that did not happen)."""
+    times = []
+    for record in records:
+        if record is None:
+            continue
+        times.append(str(record.body["metadata"].get("creationTimestamp") or ""))
+        for cond in record.body.get("status", {}).get("conditions", []):
+            if cond.get("type") == "Ready":
+                times.append(str(cond.get("lastTransitionTime") or ""))
+    return max(times)
 
 
 def _generation(record: Record) -> int:
