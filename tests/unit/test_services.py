@@ -216,3 +216,13 @@ def test_derived_status_times_change_only_when_something_changes(tmp_path: Path)
         "False",
         "2001-09-09T01:51:00.000000Z",
     )
+
+
+def test_replacing_a_service_with_itself_writes_nothing(manager: ServiceManager) -> None:
+    created = manager.create_service("default", service())
+    again = manager.replace_service("default", "hello", service())
+    assert again["metadata"]["resourceVersion"] == created["metadata"]["resourceVersion"]
+    assert again["metadata"]["generation"] == 1
+    changed = manager.replace_service("default", "hello", service(containerConcurrency=5))
+    assert int(changed["metadata"]["resourceVersion"]) > int(again["metadata"]["resourceVersion"])
+    assert changed["metadata"]["generation"] == 2

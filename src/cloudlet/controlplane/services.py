@@ -160,6 +160,8 @@ class ServiceManager:
         body = self._service_body(namespace, service, template, traffic, existing, new_revision)
         if dry_run:
             return body
+        if existing is not None and new_revision is None and body == existing.body:
+            return self._render(existing)  # nothing changed: no write, no new resourceVersion
         self._write(namespace, body, template, new_revision, existing)
         self._changed(namespace, service.metadata.name)
         return self.get_service(namespace, service.metadata.name)
