@@ -263,7 +263,7 @@ UNSUPPORTED = [
     ),
     (
         lambda b: _container(b) | {"volumeMounts": [{"name": "v", "mountPath": "/v"}]},
-        "spec.template.spec.containers[0].volumeMounts: field is not supported",
+        "spec.template.spec.containers[0].volumeMounts[0].name: volume 'v' is not declared",
     ),
 ]
 

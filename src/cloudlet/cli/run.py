@@ -16,7 +16,7 @@ from cloudlet.cli.logs import logs_group, recent_traffic_lines
 from cloudlet.cli.options import DEFAULT_REGION, common, namespace
 from cloudlet.cli.template import TemplateFlags, parse_pairs
 from cloudlet.cli.traffic import rows_of, traffic_lines, update_traffic_command
-from cloudlet.security.flags import parse_secret_refs
+from cloudlet.security.flags import parse_secret_refs, parse_secret_removals, secret_file_lines
 
 
 @click.group("run")
@@ -81,10 +81,17 @@ def template_options(func: Any) -> Any:
         ),
         click.option(
             "--set-secrets",
-            help="Replace all secret env vars: ENV=SECRET:VERSION,... (VERSION a number or "
-            "latest; `cloudlet secrets create` makes secrets).",
+            help="Replace all secret env vars and files: ENV=SECRET:VERSION or "
+            "/DIR/FILE=SECRET:VERSION (a read-only file), ... (VERSION a number or latest; "
+            "`cloudlet secrets create` makes secrets).",
         ),
-        click.option("--update-secrets", help="Add or change secret env vars: ENV=SECRET:VERSION"),
+        click.option(
+            "--update-secrets",
+            help="Add or change secret env vars and files: ENV=SECRET:VERSION, "
+            "/DIR/FILE=SECRET:VERSION",
+        ),
+        click.option("--remove-secrets", help="Remove secret env vars and files: ENV,/DIR/FILE"),
+        click.option("--clear-secrets", is_flag=True, help="Remove all secret env vars and files."),
         click.option(
             "--ingress",
             type=click.Choice(["all", "internal"]),
@@ -148,6 +155,8 @@ def flags_from(opts: dict[str, Any]) -> TemplateFlags:
         liveness_probe=opts.get("liveness_probe"),
         set_secrets=secret_refs("set_secrets"),
         update_secrets=secret_refs("update_secrets") or {},
+        remove_secrets=parse_secret_removals(opts.get("remove_secrets") or ""),
+        clear_secrets=bool(opts.get("clear_secrets")),
         ingress=opts.get("ingress"),
     )
 
@@ -313,6 +322,8 @@ def describe_service(body: dict[str, Any]) -> None:
     render.out.print(f"  CPU / memory:  {limits.get('cpu', '')} / {limits.get('memory', '')}")
     for env in container.get("env", []):
         render.out.print(f"  Env:           {env['name']}={env.get('value', '')}")
+    for line in secret_file_lines(spec):
+        render.out.print(f"  Secret file:   {line}")
 
 
 @services_group.command("delete")

@@ -55,6 +55,8 @@ class TemplateFlags:
     liveness_probe: str | None = None
     set_secrets: dict[str, tuple[str, str]] | None = None
     update_secrets: dict[str, tuple[str, str]] = field(default_factory=dict)
+    remove_secrets: list[str] = field(default_factory=list)
+    clear_secrets: bool = False
     ingress: str | None = None
 
 
@@ -104,7 +106,9 @@ def apply(service: dict[str, Any], flags: TemplateFlags) -> dict[str, Any]:
     _apply_container(container, flags)
     _apply_spec(spec, flags)
     _apply_env(container, flags)
-    apply_secrets(container, flags.set_secrets, flags.update_secrets)
+    apply_secrets(
+        spec, flags.set_secrets, flags.update_secrets, flags.remove_secrets, flags.clear_secrets
+    )
     apply_ingress(out, flags.ingress)
     _apply_scaling(meta, flags)
     meta_labels = _apply_labels(meta.get("labels") or {}, flags)

@@ -75,6 +75,33 @@ class Probe(_Strict):
     successThreshold: int | None = Field(default=None, ge=1)
 
 
+class KeyToPath(_Strict):
+    """A secret version (``key``) shown as a file (``path``, relative to the mount)."""
+
+    key: str
+    path: str
+    mode: int | None = Field(default=None, ge=0, le=0o777)
+
+
+class SecretVolumeSource(_Strict):
+    secretName: str
+    items: list[KeyToPath] | None = None
+    defaultMode: int | None = Field(default=None, ge=0, le=0o777)
+
+
+class Volume(_Strict):
+    """Only secret volumes exist in Cloudlet (rules in ``domain.volumes``)."""
+
+    name: str
+    secret: SecretVolumeSource | None = None
+
+
+class VolumeMount(_Strict):
+    name: str
+    mountPath: str
+    readOnly: bool | None = None
+
+
 class Container(_Strict):
     name: str | None = None
     image: str = Field(min_length=1)
@@ -87,6 +114,7 @@ class Container(_Strict):
     startupProbe: Probe | None = None
     livenessProbe: Probe | None = None
     imagePullPolicy: str | None = None
+    volumeMounts: list[VolumeMount] | None = None
 
 
 class RevisionSpec(_Strict):
@@ -94,6 +122,7 @@ class RevisionSpec(_Strict):
     timeoutSeconds: int | None = Field(default=None, ge=1, le=3600)
     serviceAccountName: str | None = None
     containers: list[Container] = Field(min_length=1, max_length=1)
+    volumes: list[Volume] | None = None
 
 
 class TemplateMeta(_Strict):
@@ -150,10 +179,13 @@ _UNSUPPORTED_HINT = {
     "readinessProbe": "Cloud Run uses startupProbe and livenessProbe only",
     "securityContext": "instances always run with the platform's hardened settings",
     "envFrom": "list variables one by one under env",
-    "volumeMounts": "mount secrets with --set-secrets /path=NAME:VERSION",
-    "volumes": "mount secrets with --set-secrets /path=NAME:VERSION",
+    "subPath": "mount the whole secret volume at a directory; name its files with items[].path",
     "ports": "a revision listens on exactly one port",
 }
+_VOLUME_HINT = (
+    "only secret volumes are supported: secret: {secretName, items: [{key: VERSION, "
+    "path: FILE}]}, as `--set-secrets /DIR/FILE=SECRET:VERSION` writes"
+)
 
 
 def _location(loc: tuple[int | str, ...]) -> str:
@@ -169,6 +201,8 @@ def _explain(exc: ValidationError) -> InvalidError:
     leaf = str(first["loc"][-1]) if first["loc"] else ""
     if first["type"] == "extra_forbidden":
         hint = _UNSUPPORTED_HINT.get(leaf, "remove it")
+        if len(first["loc"]) >= 3 and first["loc"][-3] == "volumes":
+            hint = _VOLUME_HINT  # volumes[i].emptyDir, .configMap, .nfs ...
         return InvalidError(f"{where}: field is not supported by Cloudlet ({hint})", field=where)
     if first["type"] == "too_long" and leaf == "ports":
         return InvalidError(

@@ -18,6 +18,7 @@ from cloudlet.domain.models import (
 from cloudlet.domain.names import validate_env_name
 from cloudlet.domain.probes import ProbeSettings, probe_settings
 from cloudlet.domain.quantities import format_cpu, format_memory, parse_cpu, parse_memory
+from cloudlet.domain.volumes import default_read_only, validate_volumes
 
 DEFAULT_CONCURRENCY = 80
 DEFAULT_TIMEOUT = 300
@@ -69,6 +70,7 @@ def with_defaults(template: RevisionTemplate) -> RevisionTemplate:
     elif container.ports[0].name is None:
         container.ports[0].name = "http1"
     container.resources = container.resources or ResourceRequirements()
+    default_read_only(spec)
     limits = container.resources.limits
     limits["cpu"] = format_cpu(
         parse_cpu(limits.get("cpu", DEFAULT_CPU), f"{_SPEC}.resources.limits.cpu")
@@ -129,6 +131,7 @@ def revision_config(template: RevisionTemplate) -> RevisionConfig:
     container = spec.containers[0]
     annotations = dict(template.metadata.annotations or {})
     limits = container.resources.limits if container.resources else {}
+    validate_volumes(spec)
     min_scale = _scale(annotations, MIN_SCALE_KEYS, 0)
     max_scale = _scale(annotations, MAX_SCALE_KEYS, DEFAULT_MAX_SCALE)
     if max_scale and min_scale > max_scale:

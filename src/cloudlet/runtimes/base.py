@@ -30,6 +30,16 @@ class EngineUnavailable(RuntimeFailure):
 
 
 @dataclass(frozen=True)
+class SecretFile:
+    """A file the instance sees read-only at ``mount_path``/``path`` (a secret version)."""
+
+    mount_path: str
+    path: str
+    content: bytes = field(repr=False)
+    mode: int = 0o444
+
+
+@dataclass(frozen=True)
 class InstanceSpec:
     """Everything needed to start one instance of a revision."""
 
@@ -45,6 +55,8 @@ class InstanceSpec:
     memory_bytes: int = 512 * 2**20
     cpu_boost: bool = False
     labels: tuple[tuple[str, str], ...] = ()
+    files: tuple[SecretFile, ...] = ()
+    """Secret files, grouped by ``mount_path`` into read-only mounts (filled at start)."""
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from cloudlet.runtimes.base import (
     RuntimeFailure,
 )
 from cloudlet.runtimes.engine import JSON, DockerEngine, EngineConflict, NoSuchObject
+from cloudlet.runtimes.secretfiles import SecretDirs
 
 CPU_PERIOD_US: Final = 100_000
 # 1% of one CPU: the kernel's smallest quota. Enough to answer a probe, slowly.
@@ -68,6 +69,7 @@ class DockerRuntime:
         self.owner = owner
         self.network = network
         self._engine = DockerEngine(socket_path)
+        self._secret_dirs = SecretDirs(owner)  # secret files, bind-mounted read-only
         self._cgroups = CpuQuotaFiles(cgroup_root)
         # The quota each instance runs with when not throttled, to restore before shutdown.
         self._quotas: dict[str, int] = {}
@@ -81,6 +83,7 @@ class DockerRuntime:
 
     async def close(self) -> None:
         await self._engine.close()
+        self._secret_dirs.close()
 
     async def ensure_image(self, image: str) -> str:
         name = normalize_image(image)
@@ -95,6 +98,8 @@ class DockerRuntime:
         name = container_name(spec.revision, _random_suffix())
         config = make_container_config(spec, self.owner, self.network)
         try:
+            if spec.files:
+                config["HostConfig"]["Mounts"] = self._secret_dirs.write(name, spec.files)
             container_id = await self._create(name, config)
             await self._engine.container_start(container_id)
             info = await self._engine.container_inspect(container_id)
@@ -102,7 +107,9 @@ class DockerRuntime:
             # Also on cancellation: a created but unstarted container must not linger. By
             # name, because create may have succeeded without us learning the id.
             await self._discard(name)
+            self._secret_dirs.remove(name)
             raise
+        self._secret_dirs.track(container_id, name)
         self._quotas[container_id] = cpu_quota_us(spec.cpu_millis, boost=spec.cpu_boost)
         return self._instance_info(container_id, info["Config"]["Labels"], info)
 
@@ -128,6 +135,7 @@ class DockerRuntime:
         except NoSuchObject:
             pass  # already gone: stopping is idempotent
         await self._remove(instance_id)
+        self._secret_dirs.release(instance_id)
         self._quotas.pop(instance_id, None)
         self._cgroups.forget(instance_id)
 
@@ -149,6 +157,7 @@ class DockerRuntime:
 
     async def list_instances(self) -> list[InstanceInfo]:
         containers = await self._engine.container_list([f"{OWNER_LABEL}={self.owner}"])
+        self._secret_dirs.adopt({c["Id"]: (c.get("Names") or [""])[0][1:] for c in containers})
         return [self._instance_info(c["Id"], c.get("Labels") or {}, c) for c in containers]
 
     async def events(self, since: float | None = None) -> AsyncGenerator[InstanceEvent, None]:

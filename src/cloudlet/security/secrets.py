@@ -5,14 +5,14 @@ CLOUDLET_HOME/keys/secrets.key (never in the database), with ``NAMESPACE/NAME/VE
 associated data, so a ciphertext moved to another secret or version fails to open. The
 API lists secrets and versions but never returns a payload; the only reader is
 ``SecretEnv``, which fills a revision's ``valueFrom.secretKeyRef`` variables into the
-instance's environment just before the container starts.
+instance's environment, and its secret volumes into the instance's files, just before the
+container starts.
 """
 
 from __future__ import annotations
 
 import base64
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -23,17 +23,17 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from cloudlet.domain.errors import AlreadyExistsError, InvalidError, NotFoundError
-from cloudlet.runtimes.base import InstanceSpec, RuntimeFailure
+from cloudlet.domain.volumes import SECRET_NAME, SecretFileRef, secret_files
+from cloudlet.runtimes.base import InstanceSpec, RuntimeFailure, SecretFile
 from cloudlet.store import Store
 
 SECRET = "secrets"
 MAX_PAYLOAD = 64 * 1024
 """Bytes per version, as Secret Manager."""
-_NAME = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
 
 
 def validate_secret_name(name: str, field: str = "secretId") -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not SECRET_NAME.match(name):
         raise InvalidError(
             f"{field}: invalid secret name {name!r}: use 1 to 255 letters, digits, '-' and '_'",
             field=field,
@@ -156,22 +156,29 @@ def _version_view(namespace: str, name: str, version: dict[str, Any]) -> dict[st
 
 
 class SecretEnv:
-    """Fills secret-backed environment variables into an instance's spec at start."""
+    """Fills an instance's spec at start: secret-backed environment variables, and the
+    files of its secret volumes (resolved versions; never stored anywhere in plaintext)."""
 
     def __init__(self, vault: SecretVault, store: Store) -> None:
         self._vault = vault
         self._store = store
 
     def __call__(self, namespace: str, spec: InstanceSpec) -> InstanceSpec:
-        refs = secret_refs(self._revision_env(namespace, spec.revision))
-        if not refs:
+        revision = self._revision_spec(namespace, spec.revision)
+        containers = revision.get("containers") or [{}]
+        refs = secret_refs(list(containers[0].get("env") or []))
+        files = secret_files(revision)
+        if not refs and not files:
             return spec
-        return replace(spec, env=spec.env + tuple(self._resolve(namespace, refs)))
+        return replace(
+            spec,
+            env=spec.env + tuple(self._resolve(namespace, refs)),
+            files=spec.files + tuple(self._read(namespace, ref) for ref in files),
+        )
 
-    def _revision_env(self, namespace: str, revision: str) -> list[dict[str, Any]]:
+    def _revision_spec(self, namespace: str, revision: str) -> dict[str, Any]:
         record = self._store.get("revisions", namespace, revision)
-        containers = record.body["spec"].get("containers", []) if record else []
-        return list(containers[0].get("env") or []) if containers else []
+        return dict(record.body["spec"]) if record else {}
 
     def _resolve(self, namespace: str, refs: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
         out = []
@@ -185,6 +192,14 @@ class SecretEnv:
                 raise RuntimeFailure(f"env {env}: secret {secret!r} holds a NUL byte")
             out.append((env, text))
         return out
+
+    def _read(self, namespace: str, ref: SecretFileRef) -> SecretFile:
+        path = f"{ref.mount_path.rstrip('/')}/{ref.path}"
+        try:
+            content = self._vault.value(namespace, ref.secret, ref.version)
+        except NotFoundError as error:
+            raise RuntimeFailure(f"file {path}: {error.message}") from None
+        return SecretFile(ref.mount_path, ref.path, content, ref.mode)
 
 
 def secret_refs(env: list[dict[str, Any]]) -> list[tuple[str, str, str]]:

@@ -13,6 +13,8 @@ Endpoints:
   GET  /exit?code=N      answer, then os._exit(N) shortly after
   GET  /status?code=N    answer with status N
   GET  /alloc?mb=N       allocate and hold N more MiB (to exceed a memory limit)
+  GET  /file?path=P      the file's bytes (404 if missing); &write=1 tries to append to it
+                         instead: 200 "written", or 409 {"errno", "error"} if refused
 Env: PORT (8080), STARTUP_DELAY_MS, CRASH_AT_START, SIGTERM_DELAY_MS.
 /stats and /stats/reset are not counted in in_flight, peak or requests.
 """
@@ -20,6 +22,7 @@ Env: PORT (8080), STARTUP_DELAY_MS, CRASH_AT_START, SIGTERM_DELAY_MS.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -333,6 +336,29 @@ class Handler(BaseHTTPRequestHandler):
             HELD.append(bytearray(b"\1" * 2**20))
         self.respond(200, f"holding {len(HELD)} MiB\n".encode())
 
+    def h_file(self, q: dict[str, str]) -> None:
+        path = q.get("path", "")
+        if q.get("write") in ("1", "true"):
+            self.append_to(path)
+            return
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+        except FileNotFoundError:
+            self.respond(404, f"no file {path}\n".encode())
+            return
+        self.respond(200, data, "application/octet-stream")
+
+    def append_to(self, path: str) -> None:
+        try:
+            with open(path, "ab") as handle:
+                handle.write(b"x")
+        except OSError as e:
+            code = errno.errorcode.get(e.errno or 0, "?")
+            self.respond_json(409, {"errno": code, "error": e.strerror})
+            return
+        self.respond(200, b"written\n")
+
 
 HELD: list[bytearray] = []
 
@@ -349,6 +375,7 @@ ROUTES = {
     ("GET", "/exit"): Handler.h_exit,
     ("GET", "/status"): Handler.h_status,
     ("GET", "/alloc"): Handler.h_alloc,
+    ("GET", "/file"): Handler.h_file,
 }
 
 
