@@ -91,3 +91,18 @@ def test_a_revision_suffix_names_the_revision() -> None:
     assert body["spec"]["template"]["metadata"]["name"] == "shop-v2"
     again = apply(body, TemplateFlags(image="b"))
     assert "name" not in again["spec"]["template"]["metadata"]
+
+
+def test_env_flags_leave_variables_set_from_secrets_alone() -> None:
+    body = apply(
+        new_service("x", "d"),
+        TemplateFlags(image="a", set_env_vars={"A": "1"}, set_secrets={"TOKEN": ("tok", "1")}),
+    )
+    secret_env = {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "tok", "key": "1"}}}
+    body = apply(body, TemplateFlags(set_env_vars={"B": "2"}))
+    assert container(body)["env"] == [{"name": "B", "value": "2"}, secret_env]
+    body = apply(body, TemplateFlags(clear_env_vars=True))
+    assert container(body)["env"] == [secret_env]
+    with pytest.raises(InvalidError, match="TOKEN is set from a secret") as caught:
+        apply(body, TemplateFlags(update_env_vars={"TOKEN": "plain"}))
+    assert caught.value.field == "--update-env-vars"

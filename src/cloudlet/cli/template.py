@@ -178,16 +178,28 @@ def _apply_spec(spec: dict[str, Any], flags: TemplateFlags) -> None:
 
 
 def _apply_env(container: dict[str, Any], flags: TemplateFlags) -> None:
-    current = {e["name"]: e for e in container.get("env") or []}
+    """The env flags change literal variables only, as gcloud's: variables set from a
+    secret stay (the secrets flags manage them), and giving one a literal value is refused."""
+    env = container.get("env") or []
+    literals = {e["name"]: e for e in env if "valueFrom" not in e}
+    from_secrets = {e["name"]: e for e in env if "valueFrom" in e}
     if flags.clear_env_vars or flags.set_env_vars is not None:
-        current = {}
+        literals = {}
     for name in flags.remove_env_vars:
-        current.pop(name, None)
+        literals.pop(name, None)
+    flag = "--set-env-vars" if flags.set_env_vars else "--update-env-vars"
     for name, value in {**(flags.set_env_vars or {}), **flags.update_env_vars}.items():
-        validate_env_name(name, "--set-env-vars" if flags.set_env_vars else "--update-env-vars")
-        current[name] = {"name": name, "value": value}
-    if current:
-        container["env"] = list(current.values())
+        validate_env_name(name, flag)
+        if name in from_secrets:
+            raise InvalidError(
+                f"{flag}: {name} is set from a secret; remove it with --remove-secrets {name} "
+                "before giving it a literal value",
+                field=flag,
+            )
+        literals[name] = {"name": name, "value": value}
+    merged = [*literals.values(), *from_secrets.values()]
+    if merged:
+        container["env"] = merged
     else:
         container.pop("env", None)
 
