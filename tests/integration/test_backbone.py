@@ -185,6 +185,27 @@ def test_a_container_that_crashes_at_start_fails_the_deploy_and_keeps_traffic(
     assert server.request("fragile").text.startswith("hello from fragile-00001-")
 
 
+def test_a_command_that_cannot_run_fails_the_deploy_saying_what_to_fix(
+    server: CloudletServer, testapp_image: str
+) -> None:
+    done = server.cli(
+        "run",
+        "deploy",
+        "nocmd",
+        "--image",
+        testapp_image,
+        "--command",
+        "/no/such/binary",
+        check=False,
+    )
+    assert done.returncode == 1
+    assert (
+        "ContainerCommandFailed"
+        in server.cli("run", "revisions", "list", "--service", "nocmd", "--format", "json").stdout
+    )
+    assert "/no/such/binary" in done.stderr and "check --command" in done.stderr
+
+
 def test_the_cli_says_how_to_start_a_server_when_none_runs(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import os
     import sys

@@ -25,6 +25,14 @@ class ImageNotFound(RuntimeFailure):
     user_fault = True
 
 
+class CommandNotRunnable(RuntimeFailure):
+    """The container's command (its entrypoint and args) could not be executed."""
+
+    status = 400
+    reason = "ContainerCommandFailed"
+    user_fault = True
+
+
 class EngineUnavailable(RuntimeFailure):
     """The engine's socket does not answer."""
 

@@ -10,6 +10,7 @@ carrying the engine's own message.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
@@ -20,6 +21,7 @@ from urllib.parse import quote
 import httpx
 
 from cloudlet.runtimes.base import (
+    CommandNotRunnable,
     EngineUnavailable,
     ImageNotFound,
     LogLine,
@@ -131,7 +133,10 @@ class DockerEngine:
         return str(_json(response)["Id"])
 
     async def container_start(self, container_id: str) -> None:
-        await self._call("POST", f"/containers/{_quote(container_id)}/start")
+        try:
+            await self._call("POST", f"/containers/{_quote(container_id)}/start")
+        except RuntimeFailure as error:
+            raise command_failure(error.message) or error from None
 
     async def container_inspect(self, container_id: str) -> JSON:
         return _json(await self._call("GET", f"/containers/{_quote(container_id)}/json"))
@@ -350,6 +355,21 @@ async def _json_messages(response: httpx.Response) -> AsyncGenerator[JSON, None]
             yield dict(message)
             while position < len(line) and line[position].isspace():
                 position += 1
+
+
+_EXEC_FAILED = re.compile(r"unable to start container process: (exec: .*?)(?:: unknown)?$")
+
+
+def command_failure(message: str) -> CommandNotRunnable | None:
+    """The user's fault in an engine's start error, when its command cannot be executed
+    (no such file, not executable): the runtime's wording, made to say what to fix."""
+    found = _EXEC_FAILED.search(message)
+    if found is None:
+        return None
+    return CommandNotRunnable(
+        f"the container's command cannot run ({found.group(1)}); check --command and --args, "
+        "or the image's ENTRYPOINT and CMD"
+    )
 
 
 def _engine_error(response: httpx.Response, not_found: type[RuntimeFailure]) -> RuntimeFailure:
