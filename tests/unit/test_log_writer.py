@@ -15,6 +15,7 @@ import pytest
 
 from cloudlet.dataplane.routing import RequestRecord
 from cloudlet.telemetry import writer
+from cloudlet.telemetry.collector import Telemetry
 from cloudlet.telemetry.logs import Batch, LogStore, columns_of, pack_requests
 from cloudlet.telemetry.writer import LogWriter, frame, serve
 
@@ -121,3 +122,21 @@ async def test_closing_stores_what_is_pending_and_ends_the_process(store: LogSto
             break
         time.sleep(0.01)
     assert not Path(f"/proc/{pid}").exists()
+
+
+async def test_a_read_does_not_hang_on_a_writer_that_cannot_start(tmp_path: Path) -> None:
+    store = LogStore(tmp_path / "logs.db", 2**20)
+    broken = LogWriter(tmp_path / "missing-dir" / "logs.db", 2**20)  # every start fails
+    telemetry = Telemetry(store, sink=broken)
+    await broken.start()
+    try:
+        telemetry.request_done(_record())
+        await telemetry.sync(timeout=0.3)
+        assert store.read("default", "svc", 10) == []
+    finally:
+        await broken.close(timeout=0.3)
+        store.close()
+
+
+def _record() -> RequestRecord:
+    return RequestRecord(1.0, "svc", "svc-1", "i1", b"GET", b"/", 200, 0.01, 0, 2, "::1", None, 1)

@@ -274,10 +274,14 @@ class Telemetry:
             self.metrics.dropped.inc((), self.dropped)
             self.dropped = 0
 
-    async def sync(self) -> None:
-        """Flush, then wait until everything flushed is stored (reads see it after)."""
+    async def sync(self, timeout: float = 10.0) -> None:
+        """Flush, then wait until everything flushed is stored (reads see it after), or
+        ``timeout`` seconds at most: a read must not hang on a writer that keeps failing."""
         await self.flush()
-        await self.sink.sync()
+        try:
+            await asyncio.wait_for(self.sink.sync(), timeout)
+        except TimeoutError:
+            log.warning("the log writer is %.0f s behind; reading what is stored", timeout)
 
     def _submit(self, batch: Batch, records: int) -> None:
         if not self.sink.submit(batch):

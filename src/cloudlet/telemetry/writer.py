@@ -31,6 +31,8 @@ from cloudlet.telemetry.logs import Batch, LogStore
 log = logging.getLogger("cloudlet.telemetry")
 _HEADER = struct.Struct(">QI")
 RESTART_DELAY = 0.5
+MAX_RESTART_DELAY = 30.0
+"""Seconds before restarting a writer that died, doubling while it keeps dying."""
 
 
 class Sink(Protocol):
@@ -87,6 +89,7 @@ class LogWriter:
         self._acks: asyncio.Task[None] | None = None
         self._progress = asyncio.Event()
         self._closing = False
+        self._failures = 0
 
     @property
     def pid(self) -> int | None:
@@ -142,7 +145,10 @@ class LogWriter:
         except TimeoutError:
             proc.kill()
             await proc.wait()
-        if self._acks is not None:
+        if self._acks is not None:  # it ends at the writer's EOF, or sleeps before a restart
+            done, _ = await asyncio.wait([self._acks], timeout=1.0)
+            if not done:
+                self._acks.cancel()
             await asyncio.gather(self._acks, return_exceptions=True)
         if self._unacked:
             log.warning("the log writer stopped with %d batches unstored", len(self._unacked))
@@ -159,13 +165,22 @@ class LogWriter:
     async def _read_acks(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
         while line := await proc.stdout.readline():
-            self._acknowledge(int(line))
+            try:
+                seq = int(line)
+            except ValueError:
+                log.error("the log writer said %r instead of a batch number; restarting it", line)
+                proc.kill()
+                break
+            self._failures = 0
+            self._acknowledge(seq)
         code = await proc.wait()
         if self._closing:
             return
         self.restarts += 1
-        log.warning("the log writer exited with code %s; starting a new one", code)
-        await asyncio.sleep(RESTART_DELAY)
+        self._failures += 1
+        delay = min(MAX_RESTART_DELAY, RESTART_DELAY * 2 ** (self._failures - 1))
+        log.warning("the log writer exited with code %s; starting a new one in %.1f s", code, delay)
+        await asyncio.sleep(delay)
         if not self._closing:
             await self.start()
 
