@@ -9,13 +9,13 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
-from cloudlet.autoscaler.reconciler import Reconciler
+from cloudlet.autoscaler.reconciler import Reconciler, RevisionRun
 from cloudlet.autoscaler.throttle import IdleThrottler, compose_hooks
 from cloudlet.dataplane.activator import Backend, Ticket
-from cloudlet.domain.autoscale import ScalingPolicy, starts_allowed
+from cloudlet.domain.autoscale import ScalingPolicy, cold_start_limit, starts_allowed
 from cloudlet.domain.probes import ProbeSettings
 from cloudlet.domain.revision import RevisionConfig
-from cloudlet.runtimes.base import InstanceSpec
+from cloudlet.runtimes.base import InstanceInfo, InstanceSpec
 from cloudlet.runtimes.docker import THROTTLED_QUOTA_US, cpu_quota_us
 from cloudlet.runtimes.fake import FakeRuntime
 
@@ -268,18 +268,47 @@ async def test_a_crashed_instance_fails_its_requests_and_is_replaced(
     await scaler.close()
 
 
-async def test_a_queued_backlog_starts_instances_at_once_two_at_a_time_from_zero() -> None:
+async def test_a_queued_backlog_at_zero_starts_one_instance_alone_at_once() -> None:
     runtime = FakeRuntime()
     runtime.start_gate = asyncio.Event()  # starts hang: the instances stay "starting"
     scaler = reconciler(runtime)
     endpoint = scaler.upsert("default", "svc", REVISION, config(1, max_scale=3), "True")
-    for _ in range(15):  # 15 waiting at 7 per instance (10 x 0.7) want 3; 2 may start
+    for _ in range(15):  # 15 waiting at 7 per instance (10 x 0.7) want 3; the first goes alone
         endpoint.submit(Lost())
-    await until(lambda: len([c for c in runtime.calls if c[0] == "start"]) == 2)
+    await until(lambda: len([c for c in runtime.calls if c[0] == "start"]) == 1)
     for _ in range(100):
         endpoint.submit(Lost())
     await asyncio.sleep(0.05)
-    assert len([c for c in runtime.calls if c[0] == "start"]) == 2
+    assert len([c for c in runtime.calls if c[0] == "start"]) == 1
+    await scaler.close()
+
+
+class SlowStarts(FakeRuntime):
+    """Starts take 20 ms; notes the most cold starts the reconciler had in progress."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        super().__init__(address)
+        self.runs: Callable[[], list[RevisionRun]] = list
+        self.peak = 0
+
+    async def start(self, spec: InstanceSpec) -> InstanceInfo:
+        self.peak = max([self.peak, *(run.starting for run in self.runs())])
+        await asyncio.sleep(0.02)
+        return await super().start(spec)
+
+
+async def test_cold_starts_in_progress_never_exceed_the_reconcilers_limit(
+    listener: tuple[int, list[bytes]],
+) -> None:
+    port, _ = listener
+    runtime = SlowStarts(("127.0.0.1", port))
+    scaler = Reconciler(runtime, lambda *a, **k: None, ScalingPolicy(), cold_starts=3)
+    runtime.runs = scaler.revisions
+    endpoint = scaler.upsert("default", "svc", REVISION, config(port, max_scale=12), "True")
+    for _ in range(200):  # wants 12 at once; 1, then 2, then 3 at a time
+        endpoint.submit(Lost())
+    await until(lambda: len(endpoint.backends) == 12)
+    assert runtime.peak == 3
     await scaler.close()
 
 
@@ -306,11 +335,30 @@ async def test_an_instance_that_becomes_ready_with_a_backlog_is_never_throttled(
 
 
 @pytest.mark.parametrize(
-    ("ready", "starting", "allowed"),
-    [(0, 0, 2), (0, 2, 0), (1, 0, 2), (3, 0, 6), (3, 4, 2), (10, 25, 0)],
+    ("ready", "starting", "limit", "allowed"),
+    [
+        (0, 0, None, 1),  # at zero the first start goes alone
+        (0, 1, None, 0),
+        (1, 0, None, 2),
+        (1, 1, None, 1),
+        (3, 0, None, 6),
+        (3, 4, None, 2),
+        (10, 25, None, 0),
+        (10, 0, 4, 4),  # the machine's limit caps the doubling
+        (10, 3, 4, 1),
+        (10, 6, 4, 0),  # over the limit (e.g. starts launched before it): none, never negative
+        (0, 0, 4, 1),
+    ],
 )
-def test_cold_starts_double_per_round(ready: int, starting: int, allowed: int) -> None:
-    assert starts_allowed(ready, starting) == allowed
+def test_cold_starts_begin_alone_then_double_within_the_limit(
+    ready: int, starting: int, limit: int | None, allowed: int
+) -> None:
+    assert starts_allowed(ready, starting, limit) == allowed
+
+
+@pytest.mark.parametrize(("cpus", "limit"), [(0, 2), (1, 2), (2, 2), (3, 3), (16, 16)])
+def test_cold_start_limit_is_one_per_cpu_and_at_least_two(cpus: int, limit: int) -> None:
+    assert cold_start_limit(cpus) == limit
 
 
 async def test_a_backlog_left_when_an_instance_is_ready_starts_the_next_round(

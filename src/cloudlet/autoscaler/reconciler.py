@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
@@ -28,6 +29,7 @@ from cloudlet.dataplane.activator import (
 from cloudlet.domain.autoscale import (
     Scaler,
     ScalingPolicy,
+    cold_start_limit,
     initial_instances,
     instances_for_backlog,
     policy_from_annotations,
@@ -137,8 +139,11 @@ class Reconciler:
         decide_interval: float = 2.0,
         observer: InstanceObserver | None = None,
         throttle_delay: float = IDLE_DELAY,
+        cold_starts: int | None = None,
     ) -> None:
         self._observer = observer
+        self._cold_starts = cold_starts or cold_start_limit(_usable_cpus())
+        """Most cold starts in progress at once per revision (``starts_allowed``)."""
         self.prepare: Callable[[str, InstanceSpec], InstanceSpec] = lambda _ns, spec: spec
         """Completes an instance's spec just before it starts (the server fills in secrets)."""
         self._runtime = runtime
@@ -329,8 +334,11 @@ class Reconciler:
         coming = ready + run.starting
         draining = sum(1 for i in run.instances.values() if i.state == "draining")
         room = (policy.max_scale or 10**6) - coming - draining
-        for _ in range(min(wanted - coming, room, starts_allowed(ready, run.starting))):
+        for _ in range(min(wanted - coming, room, self._starts_allowed(ready, run))):
             self._launch(run)
+
+    def _starts_allowed(self, ready: int, run: RevisionRun) -> int:
+        return starts_allowed(ready, run.starting, self._cold_starts)
 
     # -- stopping instances ---------------------------------------------------------------
 
@@ -442,7 +450,7 @@ class Reconciler:
             log.info("%s: %d -> %d (%s)", run.name, current, desired, decision.reason)
             if self._observer is not None:
                 self._observer.scaled(run, current, desired, decision.reason)
-            for _ in range(min(desired - current, starts_allowed(len(ready), run.starting))):
+            for _ in range(min(desired - current, self._starts_allowed(len(ready), run))):
                 self._launch(run)
         elif desired < len(ready) and run.starting == 0:
             log.info("%s: %d -> %d (%s)", run.name, len(ready), desired, decision.reason)
@@ -500,6 +508,14 @@ class Reconciler:
         """Wait for background work in flight (tests and shutdown)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity where the OS has one), which containers
+    started on this machine share with it."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _in_flight(endpoint: RevisionEndpoint, backend_id: str) -> int:
