@@ -9,15 +9,17 @@ carrying the engine's own message.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import struct
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 from urllib.parse import quote
 
+import httptools
 import httpx
 
 from cloudlet.runtimes.base import (
@@ -175,17 +177,36 @@ class DockerEngine:
         return [(_stream_name(s), payload) for s, payload in StreamDemuxer().feed(response.content)]
 
     async def container_log_lines(self, container_id: str) -> AsyncGenerator[LogLine, None]:
-        """Every line the container writes, from its start, until it stops."""
-        params = {"stdout": "1", "stderr": "1", "follow": "1", "timestamps": "1"}
-        demuxer, splitter = StreamDemuxer(), LogLineSplitter()
-        path = f"/containers/{_quote(container_id)}/logs"
-        async with self._stream("GET", path, params) as response:
-            async for chunk in response.aiter_bytes():
-                for stream, payload in demuxer.feed(chunk):
-                    for line in splitter.feed(stream, payload):
-                        yield line
-        for line in splitter.flush():
-            yield line
+        """Every line the container writes, from its start, until it stops.
+
+        Not through httpx: a chatty instance sends its lines one small chunk at a time,
+        and httpx's streaming stack cost ~350 µs of CPU per chunk. A plain protocol on its
+        own connection to the socket (httptools for the HTTP framing) costs a few µs."""
+        loop = asyncio.get_running_loop()
+        try:
+            transport, follower = await loop.create_unix_connection(LogFollower, self.socket_path)
+        except OSError as exc:
+            raise EngineUnavailable(
+                f"cannot reach the Docker engine at {self.socket_path}: is dockerd running? "
+                "start it with `dockerd &`"
+            ) from exc
+        path = f"/{API_VERSION}/containers/{_quote(container_id)}/logs"
+        query = "stdout=1&stderr=1&follow=1&timestamps=1"
+        transport.write(f"GET {path}?{query} HTTP/1.1\r\nHost: docker\r\n\r\n".encode())
+        try:
+            while True:
+                lines = follower.take()
+                for line in lines:
+                    yield line
+                if not lines:
+                    if follower.done:
+                        break
+                    await follower.wait()
+            follower.check("GET", path, self.socket_path)
+            for line in follower.splitter.flush():
+                yield line
+        finally:
+            transport.close()
 
     # -- networks and events --------------------------------------------------------------
 
@@ -324,6 +345,88 @@ class LogLineSplitter:
         return lines
 
 
+class LogFollower(asyncio.Protocol):
+    """One follow-mode logs response read off the engine's socket: httptools undoes the
+    HTTP framing, ``StreamDemuxer`` the stdout/stderr frames, ``LogLineSplitter`` the lines.
+    Reading pauses while more than ``PAUSE_AT`` lines wait for the consumer."""
+
+    PAUSE_AT = 10_000
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.demuxer = StreamDemuxer()
+        self.splitter = LogLineSplitter()
+        self.status = 0
+        self.done = False
+        self.lost: Exception | None = None
+        self._lines: list[LogLine] = []
+        self._error = bytearray()
+        self._waiter: asyncio.Future[None] | None = None
+        self._transport: asyncio.Transport | None = None
+        self._paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.lost, self.done = exc, True
+        if len(self._lines) > self.PAUSE_AT and self._transport is not None:
+            self._transport.pause_reading()
+            self._paused = True
+        self._wake()
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        if self.status != 200:
+            self._error += body
+            return
+        for stream, payload in self.demuxer.feed(body):
+            self._lines += self.splitter.feed(stream, payload)
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done:
+            self.lost = exc or ConnectionResetError("the engine closed the logs stream")
+        self.done = True
+        self._wake()
+
+    def take(self) -> list[LogLine]:
+        lines, self._lines = self._lines, []
+        if self._paused and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
+        return lines
+
+    async def wait(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        await self._waiter
+
+    def check(self, method: str, path: str, socket_path: str) -> None:
+        """Raise what went wrong, if anything: the engine's error, or a lost connection."""
+        if self.status >= 400:
+            try:
+                message = str(json.loads(self._error)["message"])
+            except (ValueError, KeyError, TypeError):
+                message = self._error.decode(errors="replace").strip()
+            raise _error_for(self.status, message, method, path, NoSuchObject)
+        if self.lost is not None and not isinstance(self.lost, httptools.HttpParserError):
+            raise EngineUnavailable(f"lost the Docker engine at {socket_path}: {self.lost!r}")
+        if self.lost is not None:
+            raise RuntimeFailure(f"the Docker engine sent a malformed logs stream: {self.lost}")
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done() and (self._lines or self.done):
+            waiter.set_result(None)
+
+
 def parse_timestamp(text: str) -> datetime:
     """The engine's RFC 3339 stamp (nanoseconds, ``Z``) as an aware datetime; now if bad."""
     try:
@@ -373,16 +476,20 @@ def command_failure(message: str) -> CommandNotRunnable | None:
 
 
 def _engine_error(response: httpx.Response, not_found: type[RuntimeFailure]) -> RuntimeFailure:
-    message = _error_message(response)
-    if response.status_code == 404:
-        return not_found(message)
-    if response.status_code == 409:
-        return EngineConflict(message)
     request = response.request
-    return RuntimeFailure(
-        f"the Docker engine failed {request.method} {request.url.path} "
-        f"({response.status_code}): {message}"
+    return _error_for(
+        response.status_code, _error_message(response), request.method, request.url.path, not_found
     )
+
+
+def _error_for(
+    status: int, message: str, method: str, path: str, not_found: type[RuntimeFailure]
+) -> RuntimeFailure:
+    if status == 404:
+        return not_found(message)
+    if status == 409:
+        return EngineConflict(message)
+    return RuntimeFailure(f"the Docker engine failed {method} {path} ({status}): {message}")
 
 
 def _error_message(response: httpx.Response) -> str:
