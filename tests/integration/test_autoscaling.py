@@ -94,8 +94,9 @@ def test_a_burst_scales_out_to_max_instances_and_no_instance_exceeds_its_concurr
         codes += asyncio.run(burst(server, "burst", 300))
     assert codes == [200] * 600
     assert 1 < max(counter.counts) <= 6
-    for container in server.containers("burst"):
-        counter.peaks[container] = peak_of(container)
+    for container in server.containers("burst"):  # the final word of those still running
+        with contextlib.suppress(httpx.HTTPError, subprocess.CalledProcessError):
+            counter.peaks[container] = max(counter.peaks.get(container, 0), peak_of(container))
     assert len(counter.peaks) > 1
     assert max(counter.peaks.values()) <= 10 and sum(counter.peaks.values()) > 10
 
