@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,8 @@ from cloudlet.domain.revision import RevisionConfig
 from cloudlet.runtimes.base import InstanceInfo, InstanceSpec
 from cloudlet.runtimes.docker import THROTTLED_QUOTA_US, cpu_quota_us
 from cloudlet.runtimes.fake import FakeRuntime
+from cloudlet.telemetry.collector import Telemetry
+from cloudlet.telemetry.logs import LogStore
 
 REVISION = "svc-00001-abc"
 
@@ -397,3 +400,19 @@ async def test_a_revisions_knative_annotations_set_its_scaling_policy() -> None:
     assert (policy.panic_threshold_percentage, policy.panic_window_percentage) == (150.0, 20.0)
     assert (policy.scale_down_delay, policy.target, policy.target_utilization) == (30.0, 30.0, 0.5)
     assert policy.stable_window == 90.0
+
+
+async def test_metrics_count_a_start_whose_container_does_not_exist_yet(tmp_path: Path) -> None:
+    runtime = FakeRuntime()
+    runtime.start_gate = asyncio.Event()  # the engine has not created the container yet
+    scaler = reconciler(runtime)
+    scaler.upsert("default", "svc", REVISION, config(8080), "Unknown")
+    await until(lambda: bool(runtime.calls))
+    store = LogStore(tmp_path / "logs.db", 2**20)
+    telemetry = Telemetry(store)
+    telemetry.live_runs = scaler.revisions
+    starting = f'cloudlet_instances{{service="svc",revision="{REVISION}",state="starting"}} 1'
+    assert starting in telemetry.render_metrics()
+    runtime.start_gate.set()
+    await scaler.close()
+    store.close()

@@ -337,6 +337,8 @@ class Telemetry:
             counts = dict.fromkeys(("starting", "ready", "throttled", "draining"), 0)
             for instance in run.instances.values():
                 counts[self._state(run, instance.info.id, instance.state)] += 1
+            # starts launched but whose container the engine has not created yet count too
+            counts["starting"] = max(counts["starting"], run.starting)
             for state, n in counts.items():
                 instances.values[(*labels, ("state", state))] = n
             in_flight.values[labels] = run.endpoint.in_flight
