@@ -136,6 +136,7 @@ class Server:
         table.authorize, table.screen = gate.authorize, gate.screen
         vault = SecretVault(self._store, keys.secrets_key(s.home))
         reconciler.prepare = SecretEnv(vault, self._store)
+        services.check_secret = vault.require
         controller = Controller(self._store, services, reconciler, table, gate)
         services.subscribe(controller.changed)
         controller.sync_all()

@@ -134,7 +134,7 @@ def test_a_secret_file_is_read_only_in_the_container_and_its_value_never_shown(
     assert server.containers("files") == []
 
 
-def test_a_missing_secret_version_fails_the_revision_naming_the_file(
+def test_a_missing_secret_version_is_refused_at_deploy_naming_the_field(
     server: CloudletServer, file_app: str
 ) -> None:
     create_secret(server, "short", "only-one-version")
@@ -142,10 +142,13 @@ def test_a_missing_secret_version_fails_the_revision_naming_the_file(
         "run", "deploy", "missing", "--image", file_app,
         "--set-secrets", "/etc/app/token=short:9", check=False,
     )  # fmt: skip
-    assert done.returncode == 1
-    assert "file /etc/app/token: secret 'short' has no version '9'" in done.stderr
+    assert done.returncode == 2
+    assert "spec.template.spec.volumes[0].secret: secret 'short' has no version '9'" in (
+        done.stderr
+    )
     assert "only-one-version" not in done.stderr + done.stdout
-    server.cli("run", "services", "delete", "missing", "--quiet")
+    listed = server.cli("run", "services", "list", "--format", "json").stdout
+    assert '"missing"' not in listed  # nothing stored
 
 
 def test_a_described_service_with_secret_files_round_trips_through_replace(

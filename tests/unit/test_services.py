@@ -226,3 +226,24 @@ def test_replacing_a_service_with_itself_writes_nothing(manager: ServiceManager)
     changed = manager.replace_service("default", "hello", service(containerConcurrency=5))
     assert int(changed["metadata"]["resourceVersion"]) > int(again["metadata"]["resourceVersion"])
     assert changed["metadata"]["generation"] == 2
+
+
+def test_a_new_revision_naming_a_missing_secret_is_refused_and_nothing_is_stored(
+    manager: ServiceManager,
+) -> None:
+    known = {("tok", "1"), ("tok", "latest")}
+
+    def check(namespace: str, name: str, version: str) -> None:
+        if (name, version) not in known:
+            raise NotFoundError(f"secret {name!r} has no version {version!r}", field="version")
+
+    manager.check_secret = check
+    env = [{"name": "T", "valueFrom": {"secretKeyRef": {"name": "tok", "key": "2"}}}]
+    body = service()
+    body["spec"]["template"]["spec"]["containers"][0]["env"] = env
+    with pytest.raises(InvalidError, match="has no version '2'") as caught:
+        manager.create_service("default", body)
+    assert caught.value.field == "spec.template.spec.containers[0].env[0].valueFrom.secretKeyRef"
+    assert manager.list_services("default") == []
+    env[0]["valueFrom"]["secretKeyRef"]["key"] = "1"
+    assert manager.create_service("default", body)["metadata"]["generation"] == 1

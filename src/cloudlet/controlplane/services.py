@@ -65,6 +65,9 @@ class ServiceManager:
         self._urls = urls
         self._clock = clock
         self._listeners: list[Listener] = []
+        self.check_secret: Callable[[str, str, str], None] | None = None
+        """``(namespace, secret, version)``: NotFoundError unless that version exists; new
+        revisions are checked with it (the server installs the secret vault's)."""
 
     def subscribe(self, listener: Listener) -> None:
         """``listener(namespace, service)`` after any change to that service or its revisions."""
@@ -158,6 +161,8 @@ class ServiceManager:
         traffic = service.spec.traffic or default_traffic()
         validate_traffic(traffic, known)
         body = self._service_body(namespace, service, template, traffic, existing, new_revision)
+        if new_revision and self.check_secret is not None:
+            self._check_secrets(namespace, dump(template.spec))
         if dry_run:
             return body
         if existing is not None and new_revision is None and body == existing.body:
@@ -165,6 +170,32 @@ class ServiceManager:
         self._write(namespace, body, template, new_revision, existing)
         self._changed(namespace, service.metadata.name)
         return self.get_service(namespace, service.metadata.name)
+
+    def _check_secrets(self, namespace: str, spec: dict[str, Any]) -> None:
+        """Every secret version a new revision names exists (as Cloud Run checks at deploy);
+        InvalidError naming the field otherwise, and nothing is stored."""
+        assert self.check_secret is not None
+        refs: list[tuple[str, str, str]] = []
+        base = "spec.template.spec"
+        for i, var in enumerate((spec.get("containers") or [{}])[0].get("env") or []):
+            ref = (var.get("valueFrom") or {}).get("secretKeyRef")
+            if ref:
+                field = f"{base}.containers[0].env[{i}].valueFrom.secretKeyRef"
+                refs.append((field, ref["name"], ref["key"]))
+        for i, volume in enumerate(spec.get("volumes") or []):
+            source = volume.get("secret")
+            if source:
+                for item in source.get("items") or [{"key": "latest"}]:
+                    refs.append((f"{base}.volumes[{i}].secret", source["secretName"], item["key"]))
+        for field, name, version in refs:
+            try:
+                self.check_secret(namespace, name, version)
+            except NotFoundError as error:
+                raise InvalidError(
+                    f"{field}: {error.message}; create it with `cloudlet secrets create {name} "
+                    "--data-file FILE` (or add the version) first",
+                    field=field,
+                ) from None
 
     def _new_revision_name(
         self,

@@ -99,6 +99,15 @@ class SecretVault:
         self._record(namespace, name)
         self._store.delete(SECRET, namespace, name)
 
+    def require(self, namespace: str, name: str, version: str) -> None:
+        """NotFoundError unless the secret has ``version`` (a number or ``latest``)."""
+        if _pick(self._record(namespace, name).body["versions"], version) is None:
+            raise NotFoundError(
+                f"secret {name!r} has no version {version!r}; "
+                f"`cloudlet secrets versions list {name}` shows them",
+                field="version",
+            )
+
     def value(self, namespace: str, name: str, version: str) -> bytes:
         """The payload of ``version`` (a number or ``latest``): for instance start only."""
         versions = self._record(namespace, name).body["versions"]
