@@ -71,10 +71,15 @@ def main() -> None:
         if args.baseline:
             old.append(run(Path(args.baseline), args.lines))
         now.append(run(REPO / "src", args.lines))
-    print(f"now: {statistics.median(now):6.1f} us CPU per line (rounds: {[round(x) for x in now]})")
+    report("now", now)
     if old:
-        print(f"baseline: {statistics.median(old):6.1f} us CPU per line (rounds: {[round(x) for x in old]})")
+        report("baseline", old)
         print(f"baseline/now: {statistics.median(old) / statistics.median(now):.2f}x")
+
+
+def report(name: str, rounds: list[float]) -> None:
+    median = statistics.median(rounds)
+    print(f"{name}: {median:6.1f} us CPU per line (rounds: {[round(x) for x in rounds]})")
 
 
 if __name__ == "__main__":

@@ -128,9 +128,7 @@ def test_set_secrets_flags_become_secret_key_refs() -> None:
     ]
 
 
-@pytest.mark.parametrize(
-    "text", ["DB", "DB=bad/name:1", "DB=s:one", "DB=s:0", "1DB=s:1", "/x=s:1"]
-)
+@pytest.mark.parametrize("text", ["DB", "DB=bad/name:1", "DB=s:one", "DB=s:0", "1DB=s:1", "/x=s:1"])
 def test_malformed_set_secrets_name_the_flag(text: str) -> None:
     with pytest.raises(InvalidError) as caught:
         parse_secret_refs(text, "--set-secrets")
