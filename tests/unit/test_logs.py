@@ -235,3 +235,16 @@ def test_a_bad_log_cap_is_refused_naming_the_flag(value: str, says: str) -> None
     with pytest.raises(InvalidError, match=says) as caught:
         settings.load({}, log_retention_bytes=value)
     assert "--log-retention-bytes" in caught.value.message
+
+
+def test_metrics_split_a_batch_of_several_revisions_by_revision() -> None:
+    metrics = Metrics()
+    records = [_record(200, 0.01, end=100.0 + i) for i in range(3)]
+    other = RequestRecord(
+        104.0, "svc", "rev-2", "i2", b"GET", b"/", 503, 0.5, 0, 1, "::1", None, None
+    )
+    metrics.observe_requests(columns_of([records[0], other, *records[1:]]))
+    text = metrics.render()
+    assert 'cloudlet_requests_total{service="svc",revision="rev-1",code_class="2xx"} 3.0' in text
+    assert 'cloudlet_requests_total{service="svc",revision="rev-2",code_class="5xx"} 1.0' in text
+    assert metrics.summary("svc", now=200.0, window=300)["requests"] == 4

@@ -9,9 +9,7 @@ mounts and env, and the same changes refused. The wanted bodies below follow tha
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -365,16 +363,6 @@ def test_file_modes_default_to_0444_and_are_never_writable() -> None:
 
 
 # -- instance start ----------------------------------------------------------------------
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    return Store(tmp_path / "cloudlet.db")
-
-
-@pytest.fixture
-def vault(store: Store) -> SecretVault:
-    return SecretVault(store, os.urandom(32), clock=lambda: 1_800_000_000.0)
 
 
 def start(store: Store, vault: SecretVault, spec: dict[str, Any]) -> InstanceSpec:

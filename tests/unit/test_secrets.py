@@ -16,16 +16,6 @@ from cloudlet.store import Store
 VALUE = b"hunter2-very-secret-value"
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    return Store(tmp_path / "cloudlet.db")
-
-
-@pytest.fixture
-def vault(store: Store) -> SecretVault:
-    return SecretVault(store, os.urandom(32), clock=lambda: 1_800_000_000.0)
-
-
 def test_versions_are_numbered_and_latest_is_the_newest(vault: SecretVault) -> None:
     vault.create("default", "db-pass")
     vault.add_version("default", "db-pass", b"one")

@@ -33,6 +33,7 @@ from cloudlet.domain.revision import revision_config, template_key, with_default
 from cloudlet.domain.traffic import ResolvedTarget, default_traffic, resolve, why_in_use
 from cloudlet.domain.traffic import validate as validate_traffic
 from cloudlet.security.access import access_for
+from cloudlet.security.secrets import secret_refs
 from cloudlet.store import Record, Store
 
 SERVICE, REVISION, POLICY = "services", "revisions", "iampolicies"
@@ -178,10 +179,8 @@ class ServiceManager:
         refs: list[tuple[str, str, str]] = []
         base = "spec.template.spec"
         for i, var in enumerate((spec.get("containers") or [{}])[0].get("env") or []):
-            ref = (var.get("valueFrom") or {}).get("secretKeyRef")
-            if ref:
-                field = f"{base}.containers[0].env[{i}].valueFrom.secretKeyRef"
-                refs.append((field, ref["name"], ref["key"]))
+            field = f"{base}.containers[0].env[{i}].valueFrom.secretKeyRef"
+            refs += [(field, name, version) for _, name, version in secret_refs([var])]
         for i, volume in enumerate(spec.get("volumes") or []):
             source = volume.get("secret")
             if source:

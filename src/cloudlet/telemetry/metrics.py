@@ -108,6 +108,28 @@ class Family:
             yield from histogram.lines(self.name, labels)
 
 
+Columns = tuple[Sequence[int], Sequence[float], Sequence[float]]
+"""(statuses, latencies, end times) of one revision's requests in a batch."""
+
+
+def _by_revision(columns: RequestColumns) -> dict[tuple[str | None, str | None], Columns]:
+    pairs = list(zip(columns.service, columns.revision, strict=True))
+    distinct = set(pairs)
+    if len(distinct) <= 1:
+        return {pair: (columns.status, columns.latency, columns.end) for pair in distinct}
+    picked: dict[tuple[str | None, str | None], list[int]] = {}
+    for i, pair in enumerate(pairs):
+        picked.setdefault(pair, []).append(i)
+    return {
+        pair: (
+            [columns.status[i] for i in indices],
+            [columns.latency[i] for i in indices],
+            [columns.end[i] for i in indices],
+        )
+        for pair, indices in picked.items()
+    }
+
+
 def code_class(status: int) -> str:
     return f"{status // 100}xx" if 100 <= status < 600 else "other"
 
@@ -148,30 +170,14 @@ class Metrics:
 
     def observe_requests(self, columns: RequestColumns) -> None:
         """A flushed batch of the router's request records, as columns: each revision's
-        share is counted with C-level iteration (no Python code per request)."""
-        pairs = set(zip(columns.service, columns.revision, strict=True))
-        if len(pairs) == 1:
-            [(service, revision)] = pairs
-            self._observe(service or "", revision or "", columns.status, columns.latency)
+        share is counted with C-level iteration (the common batch, all of one revision,
+        runs no Python code per request)."""
+        for (service, revision), (statuses, latencies, ends) in _by_revision(columns).items():
+            self._observe(service or "", revision or "", statuses, latencies)
             if service:
-                ends, latencies = self._recent(service)
-                ends.extend(columns.end)
-                latencies.extend(columns.latency)
-            return
-        for service, revision in pairs:
-            picked = [
-                i
-                for i, pair in enumerate(zip(columns.service, columns.revision, strict=True))
-                if pair == (service, revision)
-            ]
-            latency = [columns.latency[i] for i in picked]
-            self._observe(
-                service or "", revision or "", [columns.status[i] for i in picked], latency
-            )
-            if service:
-                ends, latencies = self._recent(service)
-                ends.extend(columns.end[i] for i in picked)
-                latencies.extend(latency)
+                recent_ends, recent_latencies = self._recent(service)
+                recent_ends.extend(ends)
+                recent_latencies.extend(latencies)
 
     def _observe(
         self, service: str, revision: str, statuses: Sequence[int], latencies: Sequence[float]
